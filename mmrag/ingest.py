@@ -1,0 +1,231 @@
+"""Ingest: items -> decode (worker processes) -> encode (batched) -> write (batched upserts).
+
+Decoding and resizing run in forked worker processes that use PIL only, overlapping the
+encoder's forward pass in this process. At most `window` items are in flight, so memory stays
+bounded whatever the corpus size. Ids come from content, and each batch asks the store which
+ids it already holds before encoding, so re-running an interrupted or repeated ingest only
+encodes what is missing: that is the resume checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import sys
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, TypeVar
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .encoders import Encoder, PreprocessConfig, prepare_pixels
+from .media import ImageDecodeError, MAX_PIXELS, content_hash, decode_bytes, load_image, pixel_hash, read_bytes
+from .sources import Item
+from .store import Point, Store
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An input that was not indexed, and why."""
+
+    item: str
+    reason: str
+
+
+@dataclass
+class IngestReport:
+    """What one `add` did: counts, every skipped input with its reason, and time per stage."""
+
+    added: int = 0
+    already_present: int = 0
+    skipped: list[Skipped] = field(default_factory=list)
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=lambda: {"decode_wait": 0.0, "encode": 0.0, "write": 0.0})
+
+    def __str__(self) -> str:
+        lines = [f"added {self.added}, already present {self.already_present}, skipped {len(self.skipped)} in {self.seconds:.1f} s"]
+        lines += [f"  skipped {s.item}: {s.reason}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+@dataclass
+class Prepared:
+    """An item after the decode stage: its content hash and pixels, or the reason it failed."""
+
+    item: Item
+    content_hash: str = ""
+    pixels: np.ndarray | None = None
+    error: str | None = None
+
+    @property
+    def id(self) -> str:
+        return point_id(self.content_hash)
+
+
+def point_id(digest: str) -> str:
+    """A UUID string from a hex content hash: Qdrant accepts it, and it is stable across runs."""
+    return str(uuid.UUID(hex=digest[:32]))
+
+
+def text_hash(text: str) -> str:
+    return content_hash(b"text\0" + text.encode("utf-8"))
+
+
+def prepare_item(item: Item, config: PreprocessConfig, max_pixels: int = MAX_PIXELS) -> Prepared:
+    """The decode stage, run in a worker: read, hash, decode, resize. Never raises on bad input."""
+    if item.image is None:
+        if item.text is None or not item.text.strip():
+            return Prepared(item, error="empty text: nothing to embed")
+        return Prepared(item, content_hash=text_hash(item.text))
+    try:
+        if isinstance(item.image, (bytes, os.PathLike, str)):
+            data = item.image if isinstance(item.image, bytes) else read_bytes(item.image)
+            digest, image = content_hash(data), decode_bytes(data, max_pixels)
+        else:
+            image = load_image(item.image, max_pixels)
+            digest = pixel_hash(image)
+        return Prepared(item, content_hash=digest, pixels=prepare_pixels(image, config))
+    except ImageDecodeError as exc:
+        return Prepared(item, error=str(exc))
+
+
+def bounded_map(fn: Callable[[T], R], inputs: Iterable[T], workers: int, window: int) -> Iterator[R]:
+    """`map(fn, inputs)` in worker processes, in order, with at most `window` inputs in flight."""
+    if workers <= 0:
+        yield from map(fn, inputs)
+        return
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        pending: deque = deque()
+        for value in inputs:
+            pending.append(pool.submit(fn, value))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def default_workers() -> int:
+    """One decode worker per two cores: the encoder's intra-op threads need the rest."""
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+def ingest(
+    items: Iterable[Item],
+    encoder: Encoder,
+    store: Store,
+    *,
+    batch_size: int = 32,
+    workers: int | None = None,
+    progress: bool = True,
+    total: int | None = None,
+) -> IngestReport:
+    """Index `items` into `store` with `encoder`; bad inputs are skipped and reported, never raised."""
+    workers = default_workers() if workers is None else workers
+    report = IngestReport()
+    started = time.perf_counter()
+    prepare = partial(prepare_item, config=encoder.preprocess)
+    prepared = bounded_map(prepare, items, workers, window=max(2 * batch_size, 4 * workers))
+    batch: list[Prepared] = []
+    with tqdm(total=total, unit="item", desc="indexing", disable=not progress) as bar:
+        while True:
+            waited = time.perf_counter()
+            result = next(prepared, None)
+            report.stage_seconds["decode_wait"] += time.perf_counter() - waited
+            if result is not None:
+                if result.error:
+                    report.skipped.append(Skipped(result.item.label, result.error))
+                    logger.info("skipped %s: %s", result.item.label, result.error)
+                    bar.update(1)
+                else:
+                    batch.append(result)
+            if batch and (len(batch) >= batch_size or result is None):
+                _write_batch(batch, encoder, store, report)
+                bar.update(len(batch))
+                batch = []
+            if result is None:
+                break
+    store.flush()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _write_batch(batch: list[Prepared], encoder: Encoder, store: Store, report: IngestReport) -> None:
+    """Encode what the store lacks, then upsert it as one request."""
+    present = store.existing([p.id for p in batch])
+    fresh: dict[str, Prepared] = {}
+    for prepared in batch:
+        if prepared.id in present or prepared.id in fresh:
+            report.already_present += 1
+        else:
+            fresh[prepared.id] = prepared
+    if not fresh:
+        return
+    started = time.perf_counter()
+    points = _encode(list(fresh.values()), encoder, report)
+    report.stage_seconds["encode"] += time.perf_counter() - started
+    started = time.perf_counter()
+    store.upsert(points)
+    report.stage_seconds["write"] += time.perf_counter() - started
+    report.added += len(points)
+
+
+def _encode(batch: list[Prepared], encoder: Encoder, report: IngestReport) -> list[Point]:
+    """Image vectors from pixels; text vectors from a text item, or the mean of an image's captions."""
+    images = [p for p in batch if p.pixels is not None]
+    image_vectors = dict(zip((p.id for p in images), encoder.embed_pixels(np.stack([p.pixels for p in images])))) if images else {}
+    texts_of = {p.id: _texts(p.item) for p in batch}
+    flat = [text for texts in texts_of.values() for text in texts]
+    flat_vectors = iter(encoder.embed_texts(flat)) if flat else iter(())
+    points = []
+    for prepared in batch:
+        vectors: dict[str, np.ndarray] = {}
+        if prepared.id in image_vectors:
+            vectors["image"] = image_vectors[prepared.id]
+        texts = texts_of[prepared.id]
+        if texts:
+            vectors["text"] = _mean_direction(np.stack([next(flat_vectors) for _ in texts]))
+        if not vectors or not all(np.isfinite(v).all() and np.linalg.norm(v) > 0 for v in vectors.values()):
+            report.skipped.append(Skipped(prepared.item.label, "encoder produced a zero or non-finite vector"))
+            continue
+        points.append(Point(id=prepared.id, vectors=vectors, payload=_payload(prepared)))
+    return points
+
+
+def _texts(item: Item) -> list[str]:
+    """The non-empty texts to embed for an item; an empty caption leaves an image-only item."""
+    if item.text is not None:
+        return [item.text]
+    return [caption for caption in item.captions if caption.strip()]
+
+
+def _mean_direction(vectors: np.ndarray) -> np.ndarray:
+    """Several caption embeddings pooled into one unit vector (their mean direction)."""
+    mean = vectors.mean(axis=0)
+    return (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
+
+
+def _payload(prepared: Prepared) -> dict[str, Any]:
+    item = prepared.item
+    payload: dict[str, Any] = dict(item.metadata)
+    payload.update(
+        uri=item.uri,
+        captions=[c for c in item.captions if c.strip()],
+        content_hash=prepared.content_hash,
+        modality="text" if item.image is None else "image",
+    )
+    if item.text is not None:
+        payload["text"] = item.text
+    return payload

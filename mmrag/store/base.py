@@ -1,0 +1,227 @@
+"""The store contract: named `image`/`text` vectors per point, a payload, and a small manifest.
+
+Two implementations meet it: `EdgeStore` (Qdrant Edge, embedded in process, the default) and
+`ClientStore` (qdrant-client: a server URL, a cluster, or `":memory:"` for tests). The Index
+talks only to this interface.
+"""
+
+from __future__ import annotations
+
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+VectorName = Literal["image", "text"]
+VECTOR_NAMES: tuple[VectorName, ...] = ("image", "text")
+
+#: A payload filter: every key must match; a list value matches any of its items.
+PayloadFilter = Mapping[str, Any]
+
+
+class IndexMismatchError(ValueError):
+    """The index was built with another encoder (spec or width) than the one given."""
+
+
+@dataclass(frozen=True)
+class IndexManifest:
+    """What an index records about itself, so queries are never embedded by another model."""
+
+    encoder_spec: str
+    dim: int
+    distance: str = "cosine"
+    format_version: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "IndexManifest":
+        known = {k: data[k] for k in ("encoder_spec", "dim", "distance", "format_version") if k in data}
+        return cls(**known)
+
+
+@dataclass
+class Point:
+    """One item to write: a content-derived UUID string, one or both vectors, and its payload."""
+
+    id: str
+    vectors: dict[VectorName, np.ndarray]
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: the point id, its similarity score, and its payload."""
+
+    id: str
+    score: float
+    payload: dict[str, Any]
+
+
+class Store(ABC):
+    """A Qdrant collection (or Edge shard) holding mmrag points."""
+
+    #: None until `create` is called on an empty location.
+    manifest: IndexManifest | None
+
+    @abstractmethod
+    def create(self, manifest: IndexManifest) -> None:
+        """Create the collection (named vectors `image` and `text`, cosine) and record `manifest`."""
+
+    @abstractmethod
+    def upsert(self, points: Sequence[Point]) -> None:
+        """Insert or overwrite points by id."""
+
+    @abstractmethod
+    def search(
+        self, vector: np.ndarray, using: VectorName, k: int, filter: PayloadFilter | None = None
+    ) -> list[Hit]:
+        """The k nearest points by the named vector, best first."""
+
+    @abstractmethod
+    def search_fused(self, vector: np.ndarray, k: int, filter: PayloadFilter | None = None) -> list[Hit]:
+        """Nearest by `image` and by `text`, merged by reciprocal-rank fusion."""
+
+    @abstractmethod
+    def existing(self, ids: Sequence[str]) -> set[str]:
+        """The subset of `ids` already stored."""
+
+    @abstractmethod
+    def retrieve(self, ids: Sequence[str]) -> list[Hit]:
+        """Stored points by id (score 1.0), in the order given; missing ids are left out."""
+
+    @abstractmethod
+    def delete(self, ids: Sequence[str]) -> int:
+        """Delete points by id; returns how many existed."""
+
+    @abstractmethod
+    def count(self) -> int:
+        """Exact number of points."""
+
+    def flush(self) -> None:
+        """Make writes durable (a no-op where the backend is already durable)."""
+
+    def close(self) -> None:
+        """Release files or connections."""
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --- helpers shared by the backends -------------------------------------------------------------
+
+#: Reciprocal-rank-fusion constant: score = sum over lists of 1 / (RRF_K + rank), rank from 0.
+#: 2 is Qdrant's own default (server and qdrant-client's local mode), so `ClientStore` can send a
+#: plain `FusionQuery(fusion=RRF)` that older servers understand and `EdgeStore` passes the same k.
+RRF_K = 2
+
+#: Payload fields both backends put a keyword index on. Filtering on any other key works too
+#: (unindexed fields are matched by scanning), these just make the common filters cheap.
+INDEXED_KEYWORD_FIELDS: tuple[str, ...] = ("modality", "uri")
+
+FilterValue = str | int | bool
+
+
+def fused_prefetch_limit(k: int) -> int:
+    """How many candidates each prefetch (image, text) brings to the fusion for a top-`k` query."""
+    return max(4 * k, 20)
+
+
+def check_manifest(manifest: IndexManifest) -> None:
+    """ValueError unless `manifest` is one both backends can create: positive width, cosine."""
+    if not isinstance(manifest, IndexManifest):
+        raise ValueError(f"manifest must be an IndexManifest, got {type(manifest).__name__}")
+    if isinstance(manifest.dim, bool) or not isinstance(manifest.dim, int) or manifest.dim < 1:
+        raise ValueError(f"manifest.dim must be a positive integer, got {manifest.dim!r}")
+    if manifest.distance != "cosine":
+        raise ValueError(f"only cosine distance is supported, got {manifest.distance!r}")
+
+
+def check_k(k: int) -> int:
+    """`k` as a positive int, or ValueError."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    return int(k)
+
+
+def check_using(using: str) -> VectorName:
+    if using not in VECTOR_NAMES:
+        raise ValueError(f"using must be one of {VECTOR_NAMES}, got {using!r}")
+    return using  # type: ignore[return-value]
+
+
+def canonical_id(point_id: str) -> str:
+    """The canonical (lowercase, hyphenated) form of a UUID string id, or ValueError."""
+    if not isinstance(point_id, str):
+        raise ValueError(f"point ids are UUID strings, got {type(point_id).__name__} {point_id!r}")
+    try:
+        return str(uuid.UUID(point_id))
+    except ValueError:
+        raise ValueError(f"point ids are UUID strings, got {point_id!r}") from None
+
+
+def vector_list(vector: Any, dim: int, what: str = "vector") -> list[float]:
+    """A 1-d float vector of width `dim` as a list of Python floats, or ValueError."""
+    arr = np.asarray(vector, dtype=np.float32)
+    if arr.ndim == 2 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 1 or arr.shape[0] != dim:
+        raise ValueError(f"{what} must have shape ({dim},), got {tuple(arr.shape)}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{what} contains NaN or infinite values")
+    return arr.tolist()
+
+
+def point_vectors(point: Point, dim: int) -> dict[str, list[float]]:
+    """A point's named vectors as lists, checked: known names, at least one, right width."""
+    if not point.vectors:
+        raise ValueError(f"point {point.id} has no vectors; give `image`, `text` or both")
+    unknown = set(point.vectors) - set(VECTOR_NAMES)
+    if unknown:
+        raise ValueError(f"point {point.id} has unknown vector names {sorted(unknown)}; use {VECTOR_NAMES}")
+    return {name: vector_list(v, dim, f"point {point.id} vector {name!r}") for name, v in point.vectors.items()}
+
+
+def filter_conditions(filter: PayloadFilter | None) -> list[tuple[str, FilterValue | list[str] | list[int]]]:
+    """A payload filter checked and flattened to (key, value) pairs, all of which must match.
+
+    A scalar value (str, int or bool) means "equals"; a list (or tuple/set) of str or of int means
+    "equals any of" (an empty list matches nothing). Keys may be dotted paths into nested payload
+    (`"meta.author"`); a list in the payload matches if any of its items does. Floats, None and
+    mixed or boolean lists are rejected here, since Qdrant matches only keywords, integers and
+    booleans exactly.
+    """
+    if filter is None:
+        return []
+    if not isinstance(filter, Mapping):
+        raise ValueError(f"filter must be a mapping of payload key -> value, got {type(filter).__name__}")
+    out: list[tuple[str, FilterValue | list[str] | list[int]]] = []
+    for key, value in filter.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"filter keys must be non-empty strings, got {key!r}")
+        if isinstance(value, (list, tuple, set, frozenset)):
+            items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else list(value)
+            if all(isinstance(v, str) for v in items):
+                out.append((key, [str(v) for v in items]))
+            elif all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in items):
+                out.append((key, [int(v) for v in items]))
+            else:
+                raise ValueError(
+                    f"filter {key!r}: a list must hold only strings or only integers, got {value!r}"
+                )
+        elif isinstance(value, (bool, np.bool_)):
+            out.append((key, bool(value)))
+        elif isinstance(value, (str, int, np.integer)):
+            out.append((key, value if isinstance(value, str) else int(value)))
+        else:
+            raise ValueError(
+                f"filter {key!r}: values must be str, int, bool or a list of str/int, got {value!r}"
+            )
+    return out

@@ -1,0 +1,371 @@
+"""`EdgeStore`: the embedded default, a Qdrant Edge shard (the Rust engine, in process) in a directory.
+
+Layout of an index directory::
+
+    DIR/manifest.json   the IndexManifest, plus `count` and `updated_at` (written on create/flush/close)
+    DIR/shard/          the EdgeShard: segments, write-ahead log, its own edge_config.json
+    DIR/.lock           an advisory lock held while a process has the directory open
+
+Only one process may open a shard at a time (the engine locks its WAL); `EdgeStore` takes its own
+lock first so the error says what happened. Every update goes through the shard's write-ahead log,
+so writes survive a crash even without `flush`; `close` flushes segments and the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from qdrant_edge import (
+    CountRequest,
+    Distance,
+    EdgeConfig,
+    EdgeShard,
+    EdgeVectorParams,
+    FieldCondition,
+    Filter,
+    Fusion,
+    MatchAny,
+    MatchValue,
+    PayloadSchemaType,
+    Prefetch,
+    Query,
+    QueryRequest,
+    UpdateOperation,
+)
+from qdrant_edge import Point as EdgePoint
+
+from .base import (
+    INDEXED_KEYWORD_FIELDS,
+    RRF_K,
+    VECTOR_NAMES,
+    Hit,
+    IndexManifest,
+    IndexMismatchError,
+    PayloadFilter,
+    Point,
+    Store,
+    VectorName,
+    canonical_id,
+    check_k,
+    check_manifest,
+    check_using,
+    filter_conditions,
+    fused_prefetch_limit,
+    point_vectors,
+    vector_list,
+)
+
+try:  # POSIX advisory locks; elsewhere the engine's own WAL lock is the only guard
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+MANIFEST_FILE = "manifest.json"
+SHARD_DIR = "shard"
+LOCK_FILE = ".lock"
+
+
+class StoreLockedError(RuntimeError):
+    """The index directory is open in another process (Qdrant Edge allows one at a time)."""
+
+
+def _locked_message(path: Path) -> str:
+    return (
+        f"{path} is locked: it is already open in another process (or by another store in this "
+        "one), and a Qdrant Edge index can be opened by one process at a time. Close it there, or "
+        "serve the index from a Qdrant server and open it by URL."
+    )
+
+
+class EdgeStore(Store):
+    """A `Store` over a Qdrant Edge shard in `path`.
+
+    `EdgeStore(path)` opens an existing index, or leaves `manifest` None for a missing or empty
+    directory until `create(manifest)` is called. Use it as a context manager, or call `close()`:
+    the directory stays locked to this process until then.
+    """
+
+    #: Points per upsert operation.
+    batch_size: int = 256
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).expanduser()
+        self.manifest: IndexManifest | None = None
+        self._shard: EdgeShard | None = None
+        self._lock_fd: int | None = None
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"{self.path} is a file; an Edge index is a directory")
+        manifest_path = self.path / MANIFEST_FILE
+        shard_path = self.path / SHARD_DIR
+        if not manifest_path.exists():
+            if shard_path.exists() and any(shard_path.iterdir()):
+                raise ValueError(
+                    f"{self.path} holds a shard but no {MANIFEST_FILE}: it was not (fully) created "
+                    "by mmrag. Remove the directory and build the index again."
+                )
+            return
+        manifest = _read_manifest(manifest_path)
+        if not shard_path.is_dir():
+            raise ValueError(f"{self.path} has a {MANIFEST_FILE} but no {SHARD_DIR}/ directory")
+        self._acquire_lock()
+        try:
+            self._shard = _load_shard(shard_path, self.path)
+        except BaseException:
+            self._release_lock()
+            raise
+        self.manifest = manifest
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def create(self, manifest: IndexManifest) -> None:
+        """Create the shard (`image` and `text`, cosine, width `manifest.dim`) and write the manifest.
+
+        On an index that already exists this is a no-op when `manifest` matches the stored one
+        and raises `IndexMismatchError` when it does not.
+        """
+        check_manifest(manifest)
+        if self.manifest is not None:
+            if self.manifest != manifest:
+                raise IndexMismatchError(
+                    f"{self.path} already holds an index built with {self.manifest}; got {manifest}"
+                )
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._acquire_lock()
+        try:
+            config = EdgeConfig(
+                vectors={
+                    name: EdgeVectorParams(size=manifest.dim, distance=Distance.Cosine) for name in VECTOR_NAMES
+                },
+                wal_enabled=True,
+            )
+            shard = _create_shard(self.path / SHARD_DIR, config, self.path)
+            for name in INDEXED_KEYWORD_FIELDS:
+                shard.update(UpdateOperation.create_field_index(name, PayloadSchemaType.Keyword))
+            shard.flush()
+        except BaseException:
+            self._release_lock()
+            raise
+        self._shard = shard
+        self.manifest = manifest
+        self._write_manifest()
+
+    def flush(self) -> None:
+        """Flush segments to disk and refresh the manifest's count (the WAL already holds every write)."""
+        if self._shard is None:
+            return
+        self._shard.flush()
+        self._write_manifest()
+
+    def optimize(self) -> bool:
+        """Merge segments and build the HNSW indexes now (roughly halves query time after a bulk load)."""
+        changed = self._live().optimize()
+        self.flush()
+        return changed
+
+    def close(self) -> None:
+        """Flush, close the shard and release the directory. Safe to call twice."""
+        shard, self._shard = self._shard, None
+        try:
+            if shard is not None:
+                try:
+                    shard.flush()
+                    self._write_manifest(shard)
+                finally:
+                    shard.close()
+        finally:
+            self._release_lock()
+
+    # --- writes -------------------------------------------------------------------------------
+
+    def upsert(self, points: Sequence[Point]) -> None:
+        """Insert or overwrite points by id, in batches of `batch_size`. All points are checked first."""
+        shard = self._live()
+        dim = self.manifest.dim  # type: ignore[union-attr]
+        prepared = [
+            EdgePoint(id=canonical_id(p.id), vector=point_vectors(p, dim), payload=dict(p.payload)) for p in points
+        ]
+        for start in range(0, len(prepared), self.batch_size):
+            shard.update(UpdateOperation.upsert_points(prepared[start : start + self.batch_size]))
+
+    def delete(self, ids: Sequence[str]) -> int:
+        """Delete points by id; returns how many of them existed."""
+        shard = self._live()
+        found = sorted({canonical_id(i) for i in self.existing(ids)})
+        for start in range(0, len(found), self.batch_size):
+            shard.update(UpdateOperation.delete_points(found[start : start + self.batch_size]))
+        return len(found)
+
+    # --- reads --------------------------------------------------------------------------------
+
+    def search(
+        self, vector: np.ndarray, using: VectorName, k: int, filter: PayloadFilter | None = None
+    ) -> list[Hit]:
+        shard = self._live()
+        using = check_using(using)
+        k = check_k(k)
+        query = vector_list(vector, self.manifest.dim, "query vector")  # type: ignore[union-attr]
+        request = QueryRequest(
+            limit=k,
+            query=Query.Nearest(query, using=using),
+            filter=_to_filter(filter),
+            with_payload=True,
+            with_vector=False,
+        )
+        return [_hit(p) for p in shard.query(request)]
+
+    def search_fused(self, vector: np.ndarray, k: int, filter: PayloadFilter | None = None) -> list[Hit]:
+        shard = self._live()
+        k = check_k(k)
+        query = vector_list(vector, self.manifest.dim, "query vector")  # type: ignore[union-attr]
+        flt = _to_filter(filter)
+        depth = fused_prefetch_limit(k)
+        request = QueryRequest(
+            # every candidate, so ties are cut the same way on every backend (below)
+            limit=2 * depth,
+            prefetches=[
+                Prefetch(limit=depth, query=Query.Nearest(query, using=name), filter=flt) for name in VECTOR_NAMES
+            ],
+            query=Fusion.Rrf(k=RRF_K),
+            with_payload=True,
+            with_vector=False,
+        )
+        hits = [_hit(p) for p in shard.query(request)]
+        hits.sort(key=lambda h: (-h.score, h.id))
+        return hits[:k]
+
+    def existing(self, ids: Sequence[str]) -> set[str]:
+        """The subset of `ids` (as given) already stored."""
+        shard = self._live()
+        wanted = {i: canonical_id(i) for i in ids}
+        unique = sorted(set(wanted.values()))
+        found: set[str] = set()
+        for start in range(0, len(unique), 1000):
+            records = shard.retrieve(unique[start : start + 1000], with_payload=False, with_vector=False)
+            found.update(str(r.id) for r in records)
+        return {i for i, c in wanted.items() if c in found}
+
+    def retrieve(self, ids: Sequence[str]) -> list[Hit]:
+        """Stored points by id (score 1.0), in the order given; missing ids are left out."""
+        shard = self._live()
+        wanted = [(i, canonical_id(i)) for i in ids]
+        unique = sorted({c for _, c in wanted})
+        payloads: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(unique), 1000):
+            for r in shard.retrieve(unique[start : start + 1000], with_payload=True, with_vector=False):
+                payloads[str(r.id)] = dict(r.payload or {})
+        return [Hit(id=i, score=1.0, payload=payloads[c]) for i, c in wanted if c in payloads]
+
+    def count(self) -> int:
+        return self._live().count(CountRequest(exact=True))
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _live(self) -> EdgeShard:
+        if self._shard is None:
+            if self.manifest is None:
+                raise RuntimeError(f"{self.path} holds no index yet; call create(manifest) first")
+            raise RuntimeError(f"the Edge index at {self.path} is closed")
+        return self._shard
+
+    def _write_manifest(self, shard: EdgeShard | None = None) -> None:
+        shard = shard or self._shard
+        if self.manifest is None or shard is None:
+            return
+        data = {
+            **self.manifest.to_dict(),
+            "count": shard.count(CountRequest(exact=True)),
+            "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        target = self.path / MANIFEST_FILE
+        tmp = target.with_name(f"{MANIFEST_FILE}.{uuid.uuid4().hex}.tmp")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, target)
+
+    def _acquire_lock(self) -> None:
+        if self._lock_fd is not None or fcntl is None:
+            return
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreLockedError(_locked_message(self.path)) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)  # type: ignore[union-attr]
+            os.close(fd)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._shard is None else "open"
+        return f"EdgeStore({str(self.path)!r}, manifest={self.manifest!r}, {state})"
+
+
+def _read_manifest(path: Path) -> IndexManifest:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return IndexManifest.from_dict(data)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValueError(f"cannot read the index manifest {path}: {exc}") from exc
+
+
+def _engine_error(exc: Exception, index_path: Path) -> Exception:
+    """Turn the engine's WAL lock failure (a bare Exception) into a StoreLockedError."""
+    if "WouldBlock" in str(exc) or "Resource temporarily unavailable" in str(exc):
+        return StoreLockedError(_locked_message(index_path))
+    return exc
+
+
+def _load_shard(shard_path: Path, index_path: Path) -> EdgeShard:
+    try:
+        return EdgeShard.load(str(shard_path))
+    except Exception as exc:
+        err = _engine_error(exc, index_path)
+        if err is exc:
+            raise
+        raise err from exc
+
+
+def _create_shard(shard_path: Path, config: EdgeConfig, index_path: Path) -> EdgeShard:
+    try:
+        return EdgeShard.create(str(shard_path), config)
+    except Exception as exc:
+        err = _engine_error(exc, index_path)
+        if err is exc:
+            raise
+        raise err from exc
+
+
+def _match(value: Any) -> MatchValue | MatchAny:
+    if isinstance(value, list):
+        return MatchAny(value)
+    if isinstance(value, bool):
+        # qdrant-edge-py 0.9.0 turns a Python bool into the integer 1/0 (bool is an int subclass,
+        # and Integer is tried first), which never matches a boolean payload; numpy's bool is not
+        # an int, so it reaches the Bool variant.
+        return MatchValue(np.bool_(value))
+    return MatchValue(value)
+
+
+def _to_filter(filter: PayloadFilter | None) -> Filter | None:
+    conditions = filter_conditions(filter)
+    if not conditions:
+        return None
+    return Filter(must=[FieldCondition(key=key, match=_match(value)) for key, value in conditions])
+
+
+def _hit(point: Any) -> Hit:
+    return Hit(id=str(point.id), score=float(point.score), payload=dict(point.payload or {}))

@@ -1,0 +1,58 @@
+"""Shared fixtures: the real default tower (loaded once), real photos, and the shared data sets."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_dataset(name: str) -> Path:
+    """A data set under ../shared/data, or a skip that says why (a user's fresh checkout lacks it)."""
+    path = SHARED_DATA / name
+    if not (path / "captions.jsonl").is_file():
+        pytest.skip(f"needs {path} (the project's shared data beside the checkout); absent here")
+    return path
+
+
+@pytest.fixture(scope="session")
+def coco_mini() -> Path:
+    return shared_dataset("coco_mini")
+
+
+@pytest.fixture(scope="session")
+def flickr8k() -> Path:
+    return shared_dataset("flickr8k")
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    """The default tower with its shipped heads, shared by every test that needs real embeddings."""
+    from mmrag.encoders import load_encoder
+
+    return load_encoder()
+
+
+@pytest.fixture(scope="session")
+def sample_photos(tmp_path_factory) -> list[Path]:
+    """scikit-image's bundled real photos, written as JPEG files."""
+    from mmrag.samples import export_sample_photos
+
+    return export_sample_photos(tmp_path_factory.mktemp("samples"))
+
+
+@pytest.fixture()
+def photo_folder(tmp_path, sample_photos) -> Path:
+    """A fresh folder of real photos, with one nested subfolder, that a test may spoil."""
+    folder = tmp_path / "photos"
+    (folder / "nested").mkdir(parents=True)
+    for i, photo in enumerate(sample_photos[:6]):
+        shutil.copy(photo, (folder / "nested" if i % 2 else folder) / photo.name)
+    return folder

@@ -1,0 +1,73 @@
+"""The `mmrag` command line, driven as a user would (typer's runner, real index on disk)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from mmrag.cli import app
+
+runner = CliRunner()
+
+
+def run(*args: str) -> str:
+    result = runner.invoke(app, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+@pytest.fixture()
+def indexed(tmp_path, photo_folder):
+    location = str(tmp_path / "cli.mmrag")
+    report = json.loads(run("index", str(photo_folder), "--index", location, "--json"))
+    assert (report["added"], report["count"]) == (6, 6)
+    return location, photo_folder
+
+
+def test_index_search_info(indexed):
+    location, folder = indexed
+    hits = json.loads(run("search", "a cat", "--index", location, "-k", "3", "--json"))
+    assert len(hits) == 3 and hits[0]["uri"].endswith("cat_chelsea.jpg")
+    rocket = next(folder.rglob("rocket_launch.jpg"))
+    by_image = json.loads(run("search", "--image", str(rocket), "--index", location, "-k", "1", "--json"))
+    assert by_image[0]["uri"] == str(rocket)
+    info = json.loads(run("info", "--index", location, "--json"))
+    assert info["count"] == 6 and info["encoder_spec"].startswith("mmrag:")
+    text = run("search", "a cup of coffee", "--index", location, "-k", "2")
+    assert text.splitlines()[0].startswith("  1. ") and "coffee_cup.jpg" in text.splitlines()[0]
+
+
+def test_reindex_adds_nothing(indexed):
+    location, folder = indexed
+    report = json.loads(run("index", str(folder), "--index", location, "--json"))
+    assert (report["added"], report["already_present"]) == (0, 6)
+
+
+def test_no_folder_indexes_the_bundled_sample_photos(tmp_path):
+    report = json.loads(run("index", "--index", str(tmp_path / "samples.mmrag"), "--json"))
+    assert report["added"] == 10 and report["skipped"] == []
+
+
+def test_bad_arguments_are_clear_errors(tmp_path):
+    missing = runner.invoke(app, ["index", str(tmp_path / "nope"), "--index", str(tmp_path / "i")])
+    assert missing.exit_code != 0 and "does not exist" in missing.output
+    neither = runner.invoke(app, ["search", "--index", str(tmp_path / "i")])
+    assert neither.exit_code != 0 and "either a text QUERY or --image" in neither.output
+    no_index = runner.invoke(app, ["info", "--index", str(tmp_path / "absent")])
+    assert no_index.exit_code != 0 and "no mmrag index" in no_index.output
+
+
+def test_eval_prints_recall(tmp_path, coco_mini):
+    lines = (coco_mini / "captions.jsonl").read_text().splitlines()[:12]
+    manifest = tmp_path / "captions.jsonl"
+    manifest.write_text("\n".join(
+        json.dumps({**json.loads(line), "image": str(coco_mini / json.loads(line)["image"])}) for line in lines))
+    report = json.loads(run("eval", str(manifest), "--json"))
+    assert report["images"] == 12 and report["captions"] == 60
+    assert set(report["recall"]) == {f"{d}_r{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)}
+    # 12 images: recall@10 is far above chance (10/12 would be chance for R@10 of random ranks... use R@1)
+    assert report["recall"]["t2i_r1"] > 1 / 12
+    table = run("eval", str(manifest))
+    assert "text -> image" in table and "R@10" in table

@@ -1,0 +1,155 @@
+"""The default tower (mmrag:lite0-minilm), its heads trainer and the retrieval metric."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmrag.encoders import DEFAULT_SPEC, ModelNotFoundError, load_encoder
+from mmrag.encoders.heads import load_heads
+from mmrag.encoders.metrics import retrieval_recall
+from mmrag.encoders.mmrag_tower import WEIGHTS_DIR, MmragTower, load_mmrag
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+FLICKR = SHARED / "data" / "flickr8k"
+needs_flickr = pytest.mark.skipif(
+    not (FLICKR / "captions.jsonl").is_file(), reason=f"shared Flickr8k data not found at {FLICKR}"
+)
+
+
+@pytest.fixture(scope="module")
+def tower() -> MmragTower:
+    return load_mmrag(DEFAULT_SPEC)
+
+
+@pytest.fixture(scope="module")
+def photos() -> dict[str, Image.Image]:
+    skimage_data = pytest.importorskip("skimage.data")
+    return {
+        "cat": Image.fromarray(skimage_data.chelsea()),
+        "rocket": Image.fromarray(skimage_data.rocket()),
+        "astronaut": Image.fromarray(skimage_data.astronaut()),
+    }
+
+
+# -- retrieval_recall --------------------------------------------------------------------------
+def test_recall_hand_made_case() -> None:
+    images = np.eye(3, dtype=np.float32)
+    # captions 0,1 -> image 0; 2 -> image 1; 3,4 -> image 2
+    texts = np.array(
+        [[1, 0, 0], [0.5, 0.95, 0.1], [0, 0.9, 0.1], [0.2, 0.0, 1.0], [0.0, 0.8, 0.5]], dtype=np.float32
+    )
+    owner = [0, 0, 1, 2, 2]
+    out = retrieval_recall(images, texts, owner, ks=(1, 2))
+    # t2i ranks of the true image: 0, 1 (image 1 scores 0.95 > 0.5), 0, 0, 1 -> R@1 3/5, R@2 5/5
+    # i2t: image 0's best own caption #0 ranks 0; image 1's only caption #2 (0.9) is beaten by
+    # caption #1 (0.95): rank 1; image 2's best own caption #3 (1.0) ranks 0 -> R@1 2/3, R@2 1
+    assert out == pytest.approx({"t2i_r1": 0.6, "t2i_r2": 1.0, "i2t_r1": 2 / 3, "i2t_r2": 1.0})
+
+
+def test_recall_ties_count_against_the_query() -> None:
+    out = retrieval_recall(np.ones((4, 2)), np.ones((4, 2)), [0, 1, 2, 3], ks=(1, 4))
+    assert out["t2i_r1"] == 0.0 and out["t2i_r4"] == 1.0
+    assert out["i2t_r1"] == 0.0 and out["i2t_r4"] == 1.0
+
+
+def test_recall_rejects_bad_owner() -> None:
+    with pytest.raises(ValueError):
+        retrieval_recall(np.eye(2), np.eye(2), [0, 2])
+
+
+# -- the tower ---------------------------------------------------------------------------------
+def test_shipped_heads_metadata_rebuilds_the_heads() -> None:
+    path = WEIGHTS_DIR / "lite0-minilm-flickr8k-v1.safetensors"
+    assert path.stat().st_size <= 10 * 2**20
+    image_head, text_head, meta = load_heads(path)
+    assert int(meta["dim"]) == image_head.config.out_dim == text_head.config.out_dim
+    assert set(json.loads(meta["dev_recall"])) >= {"t2i_r1", "i2t_r10"}
+
+
+def test_embeddings_are_normalised_float32(tower: MmragTower, photos: dict[str, Image.Image]) -> None:
+    images = tower.embed_images(list(photos.values()))
+    texts = tower.embed_texts(["a cat", "a rocket on a launch pad"])
+    for emb, n in ((images, 3), (texts, 2)):
+        assert emb.dtype == np.float32 and emb.shape == (n, tower.dim)
+        np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    single = tower.embed_images(photos["cat"])
+    assert single.shape == (tower.dim,)
+    np.testing.assert_allclose(single, images[0], atol=1e-5)
+    assert tower.embed_texts("a cat").shape == (tower.dim,)
+
+
+def test_text_semantics(tower: MmragTower, photos: dict[str, Image.Image]) -> None:
+    cat, rocket = tower.embed_images([photos["cat"], photos["rocket"]])
+    cat_text, car_text = tower.embed_texts(["a cat lying down and looking at the camera", "a red car parked on a street"])
+    assert cat @ cat_text > cat @ car_text
+    assert cat @ cat_text > rocket @ cat_text
+    dog, dog2, money = tower.embed_texts(["a dog runs on the beach", "a puppy playing in the sand", "quarterly revenue grew"])
+    assert dog @ dog2 > dog @ money
+
+
+def test_spec_round_trip(tower: MmragTower) -> None:
+    assert tower.spec == DEFAULT_SPEC
+    assert load_encoder(tower.spec).spec == tower.spec
+
+
+def test_user_heads_path_round_trip(tmp_path: Path) -> None:
+    src = WEIGHTS_DIR / "lite0-minilm-flickr8k-v1.safetensors"
+    copy = tmp_path / "heads.safetensors"
+    copy.write_bytes(src.read_bytes())
+    encoder = load_mmrag(f"mmrag:lite0-minilm@{copy}")
+    assert encoder.spec == f"mmrag:lite0-minilm@{copy}"
+    assert load_mmrag(encoder.spec).dim == encoder.dim
+
+
+def test_missing_heads_path_names_it(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(ModelNotFoundError, match="nope.safetensors"):
+        load_mmrag(f"mmrag:lite0-minilm@{missing}")
+
+
+def test_encode_text_tokens(tower: MmragTower) -> None:
+    states, mask = tower.encode_text_tokens(["a dog", "two dogs play together in the snow"])
+    assert states.shape[0] == 2 and states.shape[2] == 384 and mask.shape == states.shape[:2]
+    assert mask[0].sum() < mask[1].sum() == mask.shape[1]
+    long_states, long_mask = tower.encode_text_tokens(["dog " * 1000])
+    assert long_states.shape[1] == tower.context_length == long_mask.sum()
+    ids = tower.tokenizer(["dog " * 1000], truncation=True, max_length=tower.context_length)["input_ids"][0]
+    assert ids[-1] == tower.tokenizer.sep_token_id
+
+
+def test_empty_text_rejected(tower: MmragTower) -> None:
+    with pytest.raises(ValueError):
+        tower.embed_texts(["a dog", "  "])
+
+
+# -- training ----------------------------------------------------------------------------------
+@needs_flickr
+def test_train_heads_tiny_run(tmp_path: Path) -> None:
+    from mmrag.encoders.train import TrainConfig, train_heads
+
+    rows = [json.loads(line) for line in (FLICKR / "captions.jsonl").read_text().splitlines()[:24]]
+    pairs = [(FLICKR / row["image"], row["captions"]) for row in rows]
+    config = TrainConfig(
+        dim=32, hidden=64, image_attn_width=32, text_attn_width=32, attn_heads=4, epochs=8, batch_size=16,
+        lr=3e-3, warmup_steps=1, captions="all", flip=False, patience=0, save_dtype="float32",
+    )
+    out = tmp_path / "heads.safetensors"
+    result = train_heads(pairs[:16], pairs[16:], out, config, tmp_path / "cache", data={"name": "tiny"})
+    losses = [row["loss"] for row in result.history]
+    assert losses[-1] < losses[0]
+    assert 1 <= result.best_epoch <= 8 and set(result.dev_recall) == {f"{d}_r{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)}
+    encoder = load_mmrag(f"mmrag:lite0-minilm@{out}")
+    assert encoder.dim == 32
+    assert json.loads(encoder.metadata["data"]) == {"name": "tiny"}
+    # the tower reproduces the features training saw (float16 cache vs float32 inference aside)
+    from mmrag.encoders.train import embed_features, extract_features
+
+    feats = extract_features(pairs[16:], tmp_path / "cache", config)
+    img_cached, _ = embed_features(encoder.image_head, encoder.text_head, feats)
+    img_live = encoder.embed_images([Image.open(p) for p, _ in pairs[16:]])
+    np.testing.assert_allclose(img_cached, img_live, atol=2e-2)
