@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from .base import Encoder, ModelNotFoundError, check_texts
-from .preprocess import PreprocessConfig
+from .preprocess import PreprocessConfig, rgb_triple
 from .registry import parse_spec, register_family
 
 logger = logging.getLogger(__name__)
@@ -154,8 +154,8 @@ def _affine(processor: Any) -> tuple[tuple[float, float, float], tuple[float, fl
     The processor maps a pixel p to a*p + b; PreprocessConfig maps it to (p/255 - m)/s, so
     s = 1/(255 a) and m = -b s.
     """
-    mean_in = _triple(getattr(processor, "image_mean", 0.0))
-    std_in = _triple(getattr(processor, "image_std", 1.0))
+    mean_in = rgb_triple(getattr(processor, "image_mean", 0.0))
+    std_in = rgb_triple(getattr(processor, "image_std", 1.0))
     rescale = float(processor.rescale_factor) if getattr(processor, "do_rescale", True) else 1.0
     offset = 1.0 if getattr(processor, "do_rescale", True) and getattr(processor, "rescale_offset", False) else 0.0
     mean, std = [], []
@@ -182,13 +182,6 @@ def _square(size: Mapping[str, int], what: str) -> int:
     if size.get("height") != size.get("width"):
         raise ValueError(f"image processor {what} {dict(size)} is not square; mmrag towers take square inputs")
     return size["height"]
-
-
-def _triple(values: Sequence[float] | float) -> tuple[float, float, float]:
-    if isinstance(values, (int, float)):
-        return (float(values),) * 3
-    r, g, b = (float(v) for v in values)
-    return r, g, b
 
 
 # -- loading ---------------------------------------------------------------------------------

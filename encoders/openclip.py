@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .base import Encoder, ModelNotFoundError, check_texts
-from .preprocess import PreprocessConfig
+from .preprocess import PreprocessConfig, rgb_triple
 from .registry import Spec, parse_spec, register_family
 
 HF_HUB_PREFIX = "hf-hub:"
@@ -114,18 +114,11 @@ def preprocess_from_open_clip(cfg: Mapping[str, Any]) -> PreprocessConfig:
         raise ValueError(f"open_clip interpolation {interpolation!r} is not supported")
     return PreprocessConfig(
         size=int(size),
-        mean=_triple(cfg["mean"]),
-        std=_triple(cfg["std"]),
+        mean=rgb_triple(cfg["mean"]),
+        std=rgb_triple(cfg["std"]),
         interpolation=_OPEN_CLIP_INTERPOLATIONS[interpolation],
         resize_mode=_OPEN_CLIP_RESIZE_MODES[resize_mode],
     )
-
-
-def _triple(values: Sequence[float] | float) -> tuple[float, float, float]:
-    if isinstance(values, (int, float)):
-        return (float(values),) * 3
-    r, g, b = (float(v) for v in values)
-    return r, g, b
 
 
 # -- loading ---------------------------------------------------------------------------------

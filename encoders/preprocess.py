@@ -8,6 +8,7 @@ carries its own `PreprocessConfig`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,6 +37,14 @@ class PreprocessConfig:
     interpolation: Literal["bicubic", "bilinear", "nearest", "lanczos"] = "bicubic"
     #: "shortest": scale the short side to `size`, then centre-crop; "squash": resize to size x size.
     resize_mode: Literal["shortest", "squash"] = "shortest"
+
+
+def rgb_triple(values: Sequence[float] | float) -> tuple[float, float, float]:
+    """A per-channel mean or std from a scalar or a 3-sequence (as model configs give them)."""
+    if isinstance(values, (int, float)):
+        return (float(values),) * 3
+    r, g, b = (float(v) for v in values)
+    return r, g, b
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = ALPHA_BACKGROUND) -> Image.Image:

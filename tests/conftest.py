@@ -34,10 +34,10 @@ def flickr8k() -> Path:
 
 @pytest.fixture(scope="session")
 def encoder():
-    """The default tower with its shipped heads, shared by every test that needs real embeddings."""
+    """The default tower with its shipped heads (or $MMRAG_TEST_ENCODER), loaded once per session."""
     from mmrag.encoders import load_encoder
 
-    return load_encoder()
+    return load_encoder(os.environ.get("MMRAG_TEST_ENCODER") or None)
 
 
 @pytest.fixture(scope="session")

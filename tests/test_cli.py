@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from mmrag.cli import app
 
-runner = CliRunner()
+runner = CliRunner(env={"COLUMNS": "400"})  # wide, so rich never wraps an error line
 
 
 def run(*args: str) -> str:
