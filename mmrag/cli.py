@@ -106,6 +106,34 @@ def evaluate(
 
 
 @app.command()
+def train(
+    manifest: Path = typer.Argument(..., exists=True, dir_okay=False, help="captions.jsonl with train and dev splits."),
+    out: Path = typer.Option(..., "--out", "-o", help="Heads file to write (.safetensors)."),
+    train_split: str = typer.Option("train", help="Split to train on."),
+    dev_split: str = typer.Option("dev", help="Split to select the best epoch on."),
+    epochs: int = typer.Option(20, min=1),
+    seed: int = typer.Option(0),
+    cache: Path = typer.Option(Path(".cache/train-features"), help="Where frozen backbone features are cached."),
+) -> None:
+    """Train the default tower's heads on frozen backbones; prints the spec that loads them."""
+    from .encoders.train import TrainConfig, train_heads
+    from .sources import read_manifest
+
+    def pairs(split: str) -> list[tuple[Path, list[str]]]:
+        entries = [(e.image, e.captions) for e in read_manifest(manifest, split=split) if e.captions]
+        if not entries:
+            raise typer.BadParameter(f"{manifest} has no captioned images in split {split!r}")
+        return entries
+
+    train_pairs, dev_pairs = pairs(train_split), pairs(dev_split)
+    data = {"manifest": manifest.name, "train_split": train_split, "dev_split": dev_split,
+            "train_images": len(train_pairs), "dev_images": len(dev_pairs)}
+    result = train_heads(train_pairs, dev_pairs, out, TrainConfig(epochs=epochs, seed=seed), cache, data=data)
+    _echo_json({"spec": f"mmrag:lite0-minilm@{out.resolve()}", "best_epoch": result.best_epoch,
+                "dev_recall": result.dev_recall, "seconds": round(result.seconds)})
+
+
+@app.command()
 def info(index: str = IndexOption, as_json: bool = JsonOption) -> None:
     """What an index holds and which encoder built it."""
     from .store import open_store

@@ -35,8 +35,8 @@ def test_index_search_info(indexed):
     assert by_image[0]["uri"] == str(rocket)
     info = json.loads(run("info", "--index", location, "--json"))
     assert info["count"] == 6 and info["encoder_spec"].startswith("mmrag:")
-    text = run("search", "a cup of coffee", "--index", location, "-k", "2")
-    assert text.splitlines()[0].startswith("  1. ") and "coffee_cup.jpg" in text.splitlines()[0]
+    text = run("search", "a cat", "--index", location, "-k", "2")  # the plain, human-readable form
+    assert text.splitlines()[0].startswith("  1. ") and "cat_chelsea.jpg" in text.splitlines()[0]
 
 
 def test_reindex_adds_nothing(indexed):
