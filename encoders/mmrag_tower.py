@@ -97,6 +97,49 @@ def image_tokens(net: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     return fmap.flatten(2).transpose(1, 2).contiguous()
 
 
+def trunk_tokens(net: nn.Module, pixels: torch.Tensor, blocks: int) -> torch.Tensor:
+    """Normalised pixels -> the output of Lite0's stem and first `blocks` stages as (n, cells, C) tokens.
+
+    With the rest (`ImageTail`) this is exactly `image_tokens`; the split lets a trained tail
+    replace the frozen one without touching the shared backbone.
+    """
+    x = net.bn1(net.conv_stem(pixels))
+    x = net.blocks[:blocks](x)
+    return x.flatten(2).transpose(1, 2).contiguous()
+
+
+class ImageTail(nn.Module):
+    """Lite0's last stages from `blocks` on (blocks[blocks:], conv_head, bn2) over token input.
+
+    Built from a deep copy of the backbone's modules, so training or loading trained values
+    into it never changes the shared, frozen backbone. BatchNorms always use running statistics.
+    """
+
+    def __init__(self, net: nn.Module, blocks: int) -> None:
+        super().__init__()
+        import copy
+
+        self.start = blocks
+        self.blocks = copy.deepcopy(net.blocks[blocks:])
+        self.conv_head = copy.deepcopy(net.conv_head)
+        self.bn2 = copy.deepcopy(net.bn2)
+
+    def train(self, mode: bool = True) -> "ImageTail":
+        super().train(mode)
+        for module in self.modules():  # frozen BN statistics, in training too
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(n, 49, C) trunk tokens -> (n, 49, 1280) tokens, as `image_tokens` gives them."""
+        n, t, c = tokens.shape
+        side = int(round(t**0.5))
+        x = tokens.float().transpose(1, 2).reshape(n, c, side, side)
+        x = self.bn2(self.conv_head(self.blocks(x)))
+        return x.flatten(2).transpose(1, 2)
+
+
 def text_tokens(
     tokenizer: object, model: nn.Module, texts: Sequence[str], context_length: int = CONTEXT_LENGTH
 ) -> tuple[torch.Tensor, torch.Tensor]:

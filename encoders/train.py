@@ -43,6 +43,7 @@ from .mmrag_tower import (
     load_efficientnet_lite0,
     load_minilm,
     text_tokens,
+    trunk_tokens,
 )
 from .preprocess import pixels_to_tensor, prepare_pixels
 
@@ -129,14 +130,21 @@ def _load_image(image: ImageInput) -> Image.Image:
 
 
 def image_features(
-    net: Callable[[], nn.Module], images: Sequence[ImageInput], cache_dir: Path, flip: bool = False, batch_size: int = 32
+    net: Callable[[], nn.Module], images: Sequence[ImageInput], cache_dir: Path, flip: bool = False, batch_size: int = 32,
+    trunk_blocks: int = 0,
 ) -> np.ndarray:
     """Backbone tokens (n, 49, 1280) float16 for `images` (mirrored if `flip`), cached on disk.
 
+    With `trunk_blocks` > 0, the tokens are the output of Lite0's first `trunk_blocks` stages
+    (`trunk_tokens`) instead, the input of a trainable `ImageTail`.
     `net` is called only on a cache miss, so a warm cache never loads the backbone.
     """
-    key = _digest(IMAGE_BACKBONE, LITE0_PREPROCESS, flip, [_identity(im) for im in images])
-    path = cache_dir / f"img-lite0-{'flip' if flip else 'orig'}-{key}.npy"
+    if trunk_blocks:
+        key = _digest(f"tf_efficientnet_lite0:blocks[:{trunk_blocks}]", LITE0_PREPROCESS, flip, [_identity(im) for im in images])
+        path = cache_dir / f"img-lite0-b{trunk_blocks}-{'flip' if flip else 'orig'}-{key}.npy"
+    else:
+        key = _digest(IMAGE_BACKBONE, LITE0_PREPROCESS, flip, [_identity(im) for im in images])
+        path = cache_dir / f"img-lite0-{'flip' if flip else 'orig'}-{key}.npy"
     if path.is_file():
         return np.load(path, mmap_mode="r")
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -147,7 +155,9 @@ def image_features(
             pixels = np.stack([prepare_pixels(_load_image(im), LITE0_PREPROCESS) for im in images[start : start + batch_size]])
             if flip:
                 pixels = np.ascontiguousarray(pixels[:, :, ::-1])
-            tokens = image_tokens(model, pixels_to_tensor(pixels, LITE0_PREPROCESS)).numpy().astype(np.float16)
+            tensor = pixels_to_tensor(pixels, LITE0_PREPROCESS)
+            tokens = trunk_tokens(model, tensor, trunk_blocks) if trunk_blocks else image_tokens(model, tensor)
+            tokens = tokens.numpy().astype(np.float16)
             if out is None:
                 out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(images), *tokens.shape[1:]))
             out[start : start + len(tokens)] = tokens

@@ -108,6 +108,8 @@ def count_items(source: Source) -> int | None:
     """How many items a source holds, when that is cheap to know (for the progress bar)."""
     if isinstance(source, (list, tuple)):
         return len(source)
+    if isinstance(source, (str, Path)) and not _is_text(source) and Path(source).is_dir():
+        return len(list_images(Path(source)))
     return None
 
 
