@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .base import Encoder, ModelNotFoundError, check_texts
-from .heads import PoolHead, load_heads
+from .heads import PoolHead, load_heads, load_image_tail
 from .preprocess import PreprocessConfig
 from .registry import parse_spec, register_family
 
@@ -131,13 +131,31 @@ class ImageTail(nn.Module):
                 module.eval()
         return self
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(n, 49, C) trunk tokens -> (n, 49, 1280) tokens, as `image_tokens` gives them."""
+    def forward(self, tokens: torch.Tensor, run_blocks: bool = True) -> torch.Tensor:
+        """(n, 49, C) trunk tokens -> (n, 49, 1280) tokens, as `image_tokens` gives them.
+
+        `run_blocks=False` takes tokens that already went through `self.blocks` (the trainer
+        precomputes them when only conv_head/bn2 train).
+        """
         n, t, c = tokens.shape
         side = int(round(t**0.5))
         x = tokens.float().transpose(1, 2).reshape(n, c, side, side)
-        x = self.bn2(self.conv_head(self.blocks(x)))
+        if run_blocks:
+            x = self.blocks(x)
+        x = self.bn2(self.conv_head(x))
         return x.flatten(2).transpose(1, 2)
+
+    @torch.no_grad()
+    def run_blocks(self, tokens: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Trunk tokens through `self.blocks` only, in batches: (n, 49, C) -> (n, 49, C')."""
+        out = []
+        for i in range(0, len(tokens), batch_size):
+            x = tokens[i : i + batch_size].float()
+            n, t, c = x.shape
+            side = int(round(t**0.5))
+            y = self.blocks(x.transpose(1, 2).reshape(n, c, side, side))
+            out.append(y.flatten(2).transpose(1, 2).contiguous())
+        return torch.cat(out)
 
 
 def text_tokens(
@@ -194,10 +212,29 @@ class MmragTower(Encoder):
         self.context_length = int(self.metadata.get("context_length", CONTEXT_LENGTH))
         self.spec = spec or f"mmrag:{ARCH}@{path.resolve()}"
         self.tokenizer, self.minilm, self.lite0 = _shared_backbones()
+        # A trained tail lives in this tower's own copy of the affected modules; the shared
+        # backbone (used by every other tower in the process) is never modified.
+        self.image_tail: ImageTail | None = None
+        tail = load_image_tail(path)
+        if tail is not None:
+            blocks, tensors = tail
+            self.image_tail = ImageTail(self.lite0, blocks)
+            own = self.image_tail.state_dict()
+            unknown = [k for k in tensors if k not in own or own[k].shape != tensors[k].shape]
+            if unknown:
+                raise ValueError(f"{path}: image_tail tensors {unknown} do not fit Lite0's tail from block {blocks}")
+            self.image_tail.load_state_dict(tensors, strict=False)
+            self.image_tail.eval()
         log.debug("loaded %s (dim=%d) from %s", self.spec, self.dim, path)
 
+    def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels -> the (n, 49, 1280) tokens this tower's image head sees."""
+        if self.image_tail is None:
+            return image_tokens(self.lite0, pixels)
+        return self.image_tail(trunk_tokens(self.lite0, pixels, self.image_tail.start))
+
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.image_head(image_tokens(self.lite0, pixels))
+        return self.image_head(self.image_tokens(pixels))
 
     def _text_features(self, texts: list[str]) -> torch.Tensor:
         states, mask = text_tokens(self.tokenizer, self.minilm, texts, self.context_length)
@@ -209,7 +246,8 @@ class MmragTower(Encoder):
             return text_tokens(self.tokenizer, self.minilm, texts, self.context_length)
 
     def modules(self) -> list[nn.Module]:
-        return [self.lite0, self.minilm, self.image_head, self.text_head]
+        tail = [self.image_tail] if self.image_tail is not None else []
+        return [self.lite0, self.minilm, *tail, self.image_head, self.text_head]
 
 
 @register_family("mmrag")

@@ -39,6 +39,7 @@ from .mmrag_tower import (
     IMAGE_BACKBONE,
     LITE0_PREPROCESS,
     TEXT_BACKBONE,
+    ImageTail,
     image_tokens,
     load_efficientnet_lite0,
     load_minilm,
@@ -89,6 +90,14 @@ class TrainConfig:
     context_length: int = CONTEXT_LENGTH
     #: torch intra-op threads; None leaves torch's default
     num_threads: int | None = None
+    #: unlock Lite0's tail: cache the output of its first `image_trunk_blocks` stages and train
+    #: the rest (`ImageTail`: blocks[k:], conv_head, bn2; BatchNorm statistics stay frozen)
+    #: with the heads, at `tail_lr`. 0 = fully frozen backbone (cached 7x7x1280 maps).
+    image_trunk_blocks: int = 0
+    #: also train blocks[k:] (else only conv_head and bn2's affine train)
+    tail_train_blocks: bool = False
+    tail_lr: float = 1e-4
+    tail_weight_decay: float = 0.0
     #: storage dtype of the saved heads
     save_dtype: Literal["float16", "float32"] = "float16"
 
@@ -215,7 +224,11 @@ class PairFeatures:
 
 
 def extract_features(pairs: Iterable[Pair], cache_dir: str | Path, config: TrainConfig, flip: bool = False) -> PairFeatures:
-    """Featurise pairs through the frozen backbones (or read them back from `cache_dir`)."""
+    """Featurise pairs through the frozen backbones (or read them back from `cache_dir`).
+
+    Image tokens are the final 7x7x1280 maps, or the trunk output when
+    `config.image_trunk_blocks` is set.
+    """
     pairs = [(image, list(captions)) for image, captions in pairs]
     if not pairs:
         raise ValueError("no (image, captions) pairs given")
@@ -227,9 +240,10 @@ def extract_features(pairs: Iterable[Pair], cache_dir: str | Path, config: Train
         torch.set_num_threads(config.num_threads)
     images = [image for image, _ in pairs]
     net = lru_cache(maxsize=1)(load_efficientnet_lite0)
-    views = [image_features(net, images, cache_dir, flip=False, batch_size=config.extract_batch_size)]
+    k = config.image_trunk_blocks
+    views = [image_features(net, images, cache_dir, flip=False, batch_size=config.extract_batch_size, trunk_blocks=k)]
     if flip:
-        views.append(image_features(net, images, cache_dir, flip=True, batch_size=config.extract_batch_size))
+        views.append(image_features(net, images, cache_dir, flip=True, batch_size=config.extract_batch_size, trunk_blocks=k))
     texts = [caption for _, captions in pairs for caption in captions]
     owner = np.repeat(np.arange(len(pairs)), [len(captions) for _, captions in pairs])
     states, lengths = text_features(load_minilm, texts, cache_dir, config.context_length)
@@ -258,13 +272,25 @@ def _text_batch(states: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor)
 
 @torch.no_grad()
 def embed_features(
-    image_head: PoolHead, text_head: PoolHead, feats: PairFeatures, batch_size: int = 1024
+    image_head: PoolHead, text_head: PoolHead, feats: PairFeatures, batch_size: int = 1024,
+    tail: ImageTail | None = None, images: torch.Tensor | None = None, run_blocks: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """L2-normalised embeddings of the first (unmirrored) image view and of every caption."""
+    """L2-normalised embeddings of the first (unmirrored) image view and of every caption.
+
+    With `tail`, the image tokens are trunk tokens and go through it first; `images` overrides
+    the view (e.g. tokens already through the tail's blocks, with `run_blocks=False`).
+    """
     image_head.eval(), text_head.eval()
-    images = torch.from_numpy(np.array(feats.images[0]))
+    if tail is not None:
+        tail.eval()
+    if images is None:
+        images = torch.from_numpy(np.array(feats.images[0]))
     states, lengths = torch.from_numpy(np.array(feats.texts)), torch.from_numpy(feats.lengths)
-    img = torch.cat([image_head(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+
+    def image_fn(x: torch.Tensor) -> torch.Tensor:
+        return image_head(tail(x, run_blocks=run_blocks) if tail is not None else x)
+
+    img = torch.cat([image_fn(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
     txt = torch.cat([
         text_head(*_text_batch(states, lengths, torch.arange(i, min(i + batch_size, len(states)))))
         for i in range(0, len(states), batch_size)
@@ -310,10 +336,26 @@ def train_heads(
     # extract_features lists captions grouped by image: image i owns rows starts[i] : starts[i] + counts[i]
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
 
-    image_head, text_head = build_heads(config, views[0].shape[2], views[0].shape[1], states.shape[2])
+    tail, dev_images, run_blocks = None, None, True
+    if config.image_trunk_blocks:
+        tail = ImageTail(load_efficientnet_lite0(), config.image_trunk_blocks)
+        for param in tail.blocks.parameters():
+            param.requires_grad_(config.tail_train_blocks)
+        if not config.tail_train_blocks:  # frozen blocks: run them once, not every epoch
+            run_blocks = False
+            views = [tail.run_blocks(view) for view in views]
+            dev_images = tail.run_blocks(torch.from_numpy(np.array(dev.images[0])))
+        with torch.no_grad():
+            image_dim = tail(views[0][:1], run_blocks=run_blocks).shape[2]
+    else:
+        image_dim = views[0].shape[2]
+    image_head, text_head = build_heads(config, image_dim, views[0].shape[1], states.shape[2])
     logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.init_temperature)))
     groups = _param_groups([image_head, text_head], config.weight_decay)
     groups[1]["params"].append(logit_scale)
+    if tail is not None:
+        groups.append({"params": [p for p in tail.parameters() if p.requires_grad],
+                       "weight_decay": config.tail_weight_decay, "lr": config.tail_lr})
     optimizer = torch.optim.AdamW(groups, lr=config.lr)
     rounds = int(counts.max()) if config.captions == "all" else 1
     steps_per_epoch = rounds * math.ceil(n_images / config.batch_size)
@@ -327,6 +369,8 @@ def train_heads(
     best: tuple[float, int, dict[str, float], dict[str, dict[str, torch.Tensor]]] | None = None
     for epoch in range(1, config.epochs + 1):
         image_head.train(), text_head.train()
+        if tail is not None:
+            tail.train()
         epoch_start, losses = time.perf_counter(), []
         # per image, captions drawn without replacement across the rounds of one epoch
         pick = rng.permuted(np.tile(np.arange(counts.max()), (n_images, 1)), axis=1) % counts[:, None]
@@ -340,6 +384,8 @@ def train_heads(
                 image_batch = torch.stack([views[v][i] for v, i in zip(view, idx)])
                 caption = starts[idx] + pick[idx, r]
                 text_batch, mask = _text_batch(states, lengths, torch.from_numpy(caption))
+                if tail is not None:
+                    image_batch = tail(image_batch, run_blocks=run_blocks)
                 img = nn.functional.normalize(image_head(image_batch), dim=-1)
                 txt = nn.functional.normalize(text_head(text_batch, mask), dim=-1)
                 logits = logit_scale.exp().clamp(max=100) * img @ txt.T
@@ -352,7 +398,7 @@ def train_heads(
                 with torch.no_grad():
                     logit_scale.clamp_(0, math.log(100))
                 losses.append(loss.item())
-        img_emb, txt_emb = embed_features(image_head, text_head, dev)
+        img_emb, txt_emb = embed_features(image_head, text_head, dev, tail=tail, images=dev_images, run_blocks=run_blocks)
         recall = retrieval_recall(img_emb, txt_emb, dev.text_to_image)
         score = float(np.mean(list(recall.values())))
         row = {"epoch": epoch, "loss": float(np.mean(losses)), "temperature": 1 / logit_scale.exp().item(),
@@ -361,8 +407,8 @@ def train_heads(
         log.info("epoch %d loss %.3f dev mean R %.4f t2i R@1 %.3f i2t R@1 %.3f (%.0fs)", epoch, row["loss"], score,
                  recall["t2i_r1"], recall["i2t_r1"], row["seconds"])
         if best is None or score > best[0]:
-            snapshot = {name: {k: v.detach().clone() for k, v in head.state_dict().items()}
-                        for name, head in (("image", image_head), ("text", text_head))}
+            modules = [("image", image_head), ("text", text_head)] + ([("tail", tail)] if tail is not None else [])
+            snapshot = {name: {k: v.detach().clone() for k, v in module.state_dict().items()} for name, module in modules}
             best = (score, epoch, recall, snapshot)
         elif config.patience and epoch - best[1] >= config.patience:
             log.info("no dev improvement for %d epochs; stopping", config.patience)
@@ -372,6 +418,11 @@ def train_heads(
     _, best_epoch, best_recall, snapshot = best
     image_head.load_state_dict(snapshot["image"])
     text_head.load_state_dict(snapshot["text"])
+    tail_tensors = None
+    if tail is not None:
+        tail.load_state_dict(snapshot["tail"])
+        # only what trained is stored; the rest comes from the pretrained backbone at load time
+        tail_tensors = {name: p for name, p in tail.named_parameters() if p.requires_grad}
     seconds = time.perf_counter() - started
     metadata = {
         "arch": ARCH,
@@ -385,6 +436,7 @@ def train_heads(
         "data": data or {"train_images": n_images, "dev_images": len(dev.images[0])},
     }
     out_path = Path(out_path)
-    save_heads(out_path, image_head, text_head, metadata, dtype=getattr(torch, config.save_dtype))
+    save_heads(out_path, image_head, text_head, metadata, dtype=getattr(torch, config.save_dtype),
+               image_tail=(config.image_trunk_blocks, tail_tensors) if tail_tensors is not None else None)
     log.info("saved %s (epoch %d, dev %s) in %.0fs", out_path, best_epoch, best_recall, seconds)
     return TrainResult(out_path, best_epoch, best_recall, history, seconds)

@@ -67,17 +67,25 @@ def search(
     k: int = typer.Option(10, "-k", min=1, help="Number of results."),
     image: Optional[Path] = typer.Option(None, "--image", help="Search by this image instead of text."),
     target: str = typer.Option("image", help="Compare with items' image vectors, text vectors, or both (fused)."),
+    sheet: Optional[Path] = typer.Option(None, "--sheet", help="Also draw the results as one picture (PNG)."),
     as_json: bool = JsonOption,
 ) -> None:
     """Search an index by text or by example image."""
     from .index import Index
 
+    if target not in ("image", "text", "both"):
+        raise typer.BadParameter(f"{target!r} is not one of image, text, both", param_hint="--target")
     if (query is None) == (image is None):
         raise typer.BadParameter("give either a text QUERY or --image FILE, not both or neither")
     if image is not None and not image.is_file():
         raise typer.BadParameter(f"{image} is not a file", param_hint="--image")
     with Index.open(index) as idx:
         hits = idx.search(image if image is not None else query, k=k, target=target)  # type: ignore[arg-type]
+    if sheet is not None and hits:
+        from .sheet import contact_sheet
+
+        contact_sheet(hits, sheet, title=f"{query or image.name}  (target: {target})")
+        typer.echo(f"contact sheet: {sheet}", err=True)
     if as_json:
         _echo_json([{"id": h.id, "score": h.score, "uri": h.uri, "captions": h.captions, "modality": h.modality} for h in hits])
         return

@@ -39,6 +39,18 @@ def test_index_search_info(indexed):
     assert text.splitlines()[0].startswith("  1. ") and "cat_chelsea.jpg" in text.splitlines()[0]
 
 
+def test_search_draws_a_contact_sheet(indexed, tmp_path):
+    from PIL import Image
+
+    location, _ = indexed
+    out = tmp_path / "sheet.png"
+    run("search", "a cat", "--index", location, "-k", "3", "--sheet", str(out))
+    sheet = Image.open(out)
+    assert sheet.size == (3 * 224 + 4 * 8, 24 + 224 + 13 * 4 + 8 + 8)
+    first_tile = sheet.crop((8, 32, 8 + 224, 32 + 224)).convert("L")
+    assert len(set(first_tile.getdata())) > 50  # a photo, not a blank tile
+
+
 def test_reindex_adds_nothing(indexed):
     location, folder = indexed
     report = json.loads(run("index", str(folder), "--index", location, "--json"))
@@ -53,6 +65,8 @@ def test_no_folder_indexes_the_bundled_sample_photos(tmp_path):
 def test_bad_arguments_are_clear_errors(tmp_path):
     missing = runner.invoke(app, ["index", str(tmp_path / "nope"), "--index", str(tmp_path / "i")])
     assert missing.exit_code != 0 and "does not exist" in missing.output
+    bad_target = runner.invoke(app, ["search", "x", "--index", str(tmp_path / "i"), "--target", "video"])
+    assert bad_target.exit_code != 0 and "not one of image, text, both" in bad_target.output
     neither = runner.invoke(app, ["search", "--index", str(tmp_path / "i")])
     assert neither.exit_code != 0 and "either a text QUERY or --image" in neither.output
     no_index = runner.invoke(app, ["info", "--index", str(tmp_path / "absent")])
