@@ -38,6 +38,7 @@ def index(
     encoder: Optional[str] = EncoderOption,
     batch_size: int = typer.Option(32, help="Images per forward pass."),
     workers: Optional[int] = typer.Option(None, help="Decode worker processes (default: cores / 2)."),
+    allow_truncated: bool = typer.Option(False, help="Index truncated image files (missing part grey) instead of skipping them."),
     as_json: bool = JsonOption,
 ) -> None:
     """Index a folder of photos (recursively), a captions.jsonl manifest, or one image."""
@@ -52,7 +53,8 @@ def index(
     elif not path.exists():
         raise typer.BadParameter(f"{path} does not exist", param_hint="PATH")
     with Index.open(index, encoder) as idx:
-        report = idx.add(path, batch_size=batch_size, workers=workers, progress=not as_json)
+        report = idx.add(path, batch_size=batch_size, workers=workers, progress=not as_json,
+                         allow_truncated=allow_truncated)
         total = idx.count()
     if as_json:
         _echo_json({**asdict(report), "count": total})

@@ -113,15 +113,18 @@ class Index:
         batch_size: int = 32,
         workers: int | None = None,
         progress: bool = True,
+        allow_truncated: bool = False,
     ) -> IngestReport:
         """Index a folder, manifest, list of paths/PIL images/arrays/bytes/texts, or one of them.
 
-        Items already present (same content) are counted, not re-encoded. Corrupt, truncated,
-        empty or non-image files are skipped and listed in the report; the run goes on.
+        Items already present and unchanged are counted, not re-encoded; a file whose content
+        changed replaces its old version. Corrupt, truncated, empty or non-image files are
+        skipped and listed in the report; the run goes on. `allow_truncated` indexes truncated
+        files (the missing part grey) instead.
         """
         return ingest(
-            iter_items(source), self.encoder, self.store,
-            batch_size=batch_size, workers=workers, progress=progress, total=count_items(source),
+            iter_items(source), self.encoder, self.store, batch_size=batch_size, workers=workers,
+            progress=progress, total=count_items(source), allow_truncated=allow_truncated,
         )
 
     def delete(self, ids: Sequence[str]) -> int:

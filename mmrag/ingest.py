@@ -2,9 +2,14 @@
 
 Decoding and resizing run in forked worker processes that use PIL only, overlapping the
 encoder's forward pass in this process. At most `window` items are in flight, so memory stays
-bounded whatever the corpus size. Ids come from content, and each batch asks the store which
-ids it already holds before encoding, so re-running an interrupted or repeated ingest only
-encodes what is missing: that is the resume checkpoint.
+bounded whatever the corpus size.
+
+Ids are deterministic: an image file's id comes from its absolute path, an in-memory image's
+from its pixels or bytes, a text's from the text. Each batch reads back what the store holds
+for its ids before encoding: an item whose stored payload (content hash, captions, metadata)
+is unchanged is skipped, a changed one is re-encoded and overwritten. So re-running an
+interrupted or repeated ingest encodes only what is missing or changed: that is the resume
+checkpoint, and a photo replaced on disk replaces its old version in the index.
 """
 
 from __future__ import annotations
@@ -49,33 +54,32 @@ class IngestReport:
     """What one `add` did: counts, every skipped input with its reason, and time per stage."""
 
     added: int = 0
+    updated: int = 0
     already_present: int = 0
     skipped: list[Skipped] = field(default_factory=list)
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=lambda: {"decode_wait": 0.0, "encode": 0.0, "write": 0.0})
 
     def __str__(self) -> str:
-        lines = [f"added {self.added}, already present {self.already_present}, skipped {len(self.skipped)} in {self.seconds:.1f} s"]
+        lines = [f"added {self.added}, updated {self.updated}, already present {self.already_present}, "
+                 f"skipped {len(self.skipped)} in {self.seconds:.1f} s"]
         lines += [f"  skipped {s.item}: {s.reason}" for s in self.skipped]
         return "\n".join(lines)
 
 
 @dataclass
 class Prepared:
-    """An item after the decode stage: its content hash and pixels, or the reason it failed."""
+    """An item after the decode stage: its id, content hash and pixels, or why it failed."""
 
     item: Item
+    id: str = ""
     content_hash: str = ""
     pixels: np.ndarray | None = None
     error: str | None = None
 
-    @property
-    def id(self) -> str:
-        return point_id(self.content_hash)
-
 
 def point_id(digest: str) -> str:
-    """A UUID string from a hex content hash: Qdrant accepts it, and it is stable across runs."""
+    """A UUID string from a hex digest: Qdrant accepts it, and it is stable across runs."""
     return str(uuid.UUID(hex=digest[:32]))
 
 
@@ -83,20 +87,29 @@ def text_hash(text: str) -> str:
     return content_hash(b"text\0" + text.encode("utf-8"))
 
 
-def prepare_item(item: Item, config: PreprocessConfig, max_pixels: int = MAX_PIXELS) -> Prepared:
+def item_id(item: Item, digest: str) -> str:
+    """A file's identity is its path (so a replaced photo replaces its point); else its content."""
+    if item.uri is not None and isinstance(item.image, (os.PathLike, str)):
+        return point_id(content_hash(b"file\0" + item.uri.encode("utf-8")))
+    return point_id(digest)
+
+
+def prepare_item(item: Item, config: PreprocessConfig, max_pixels: int = MAX_PIXELS,
+                 allow_truncated: bool = False) -> Prepared:
     """The decode stage, run in a worker: read, hash, decode, resize. Never raises on bad input."""
     if item.image is None:
         if item.text is None or not item.text.strip():
             return Prepared(item, error="empty text: nothing to embed")
-        return Prepared(item, content_hash=text_hash(item.text))
+        digest = text_hash(item.text)
+        return Prepared(item, id=item_id(item, digest), content_hash=digest)
     try:
         if isinstance(item.image, (bytes, os.PathLike, str)):
             data = item.image if isinstance(item.image, bytes) else read_bytes(item.image)
-            digest, image = content_hash(data), decode_bytes(data, max_pixels)
+            digest, image = content_hash(data), decode_bytes(data, max_pixels, allow_truncated)
         else:
             image = load_image(item.image, max_pixels)
             digest = pixel_hash(image)
-        return Prepared(item, content_hash=digest, pixels=prepare_pixels(image, config))
+        return Prepared(item, id=item_id(item, digest), content_hash=digest, pixels=prepare_pixels(image, config))
     except ImageDecodeError as exc:
         return Prepared(item, error=str(exc))
 
@@ -131,12 +144,17 @@ def ingest(
     workers: int | None = None,
     progress: bool = True,
     total: int | None = None,
+    allow_truncated: bool = False,
 ) -> IngestReport:
-    """Index `items` into `store` with `encoder`; bad inputs are skipped and reported, never raised."""
+    """Index `items` into `store` with `encoder`; bad inputs are skipped and reported, never raised.
+
+    `allow_truncated` indexes truncated image files (their missing part grey) instead of
+    skipping them.
+    """
     workers = default_workers() if workers is None else workers
     report = IngestReport()
     started = time.perf_counter()
-    prepare = partial(prepare_item, config=encoder.preprocess)
+    prepare = partial(prepare_item, config=encoder.preprocess, allow_truncated=allow_truncated)
     prepared = bounded_map(prepare, items, workers, window=max(2 * batch_size, 4 * workers))
     batch: list[Prepared] = []
     with tqdm(total=total, unit="item", desc="indexing", disable=not progress) as bar:
@@ -163,11 +181,11 @@ def ingest(
 
 
 def _write_batch(batch: list[Prepared], encoder: Encoder, store: Store, report: IngestReport) -> None:
-    """Encode what the store lacks, then upsert it as one request."""
-    present = store.existing([p.id for p in batch])
+    """Encode what the store lacks or holds in another version, then upsert it as one request."""
+    stored = {hit.id: hit.payload for hit in store.retrieve(list({p.id for p in batch}))}
     fresh: dict[str, Prepared] = {}
     for prepared in batch:
-        if prepared.id in present or prepared.id in fresh:
+        if prepared.id in fresh or stored.get(prepared.id) == _payload(prepared):
             report.already_present += 1
         else:
             fresh[prepared.id] = prepared
@@ -179,7 +197,9 @@ def _write_batch(batch: list[Prepared], encoder: Encoder, store: Store, report: 
     started = time.perf_counter()
     store.upsert(points)
     report.stage_seconds["write"] += time.perf_counter() - started
-    report.added += len(points)
+    replaced = sum(point.id in stored for point in points)
+    report.updated += replaced
+    report.added += len(points) - replaced
 
 
 def _encode(batch: list[Prepared], encoder: Encoder, report: IngestReport) -> list[Point]:

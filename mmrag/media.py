@@ -62,11 +62,15 @@ def read_bytes(path: str | Path) -> bytes:
     return data
 
 
-def decode_bytes(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode encoded image bytes fully into an upright RGB image, or raise ImageDecodeError."""
+def decode_bytes(data: bytes, max_pixels: int = MAX_PIXELS, allow_truncated: bool = False) -> Image.Image:
+    """Decode encoded image bytes fully into an upright RGB image, or raise ImageDecodeError.
+
+    A truncated file is an error unless `allow_truncated`: then PIL fills the missing part grey.
+    """
     if not data:
         raise ImageDecodeError("empty file", "0 bytes")
-    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a library user may have flipped this global
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES  # a process-wide PIL switch: set it for this call only
+    ImageFile.LOAD_TRUNCATED_IMAGES = allow_truncated
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -84,6 +88,8 @@ def decode_bytes(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as exc:
         reason = "truncated image" if "truncated" in str(exc).lower() else "corrupt image"
         raise ImageDecodeError(reason, str(exc)) from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
     return upright_rgb(image)
 
 

@@ -94,7 +94,7 @@ def iter_items(source: Source) -> Iterator[Item]:
         elif path.suffix == ".jsonl":
             yield from (_entry_item(entry) for entry in read_manifest(path))
         else:
-            yield Item(uri=str(path), image=path)
+            yield file_item(path)
         return
     if isinstance(source, (str, Image.Image, np.ndarray, bytes)):
         source = [source]
@@ -130,18 +130,23 @@ def _folder_items(folder: Path) -> Iterator[Item]:
         if entry is not None:
             yield _entry_item(entry)
         else:
-            yield Item(uri=str(path), image=path)
+            yield file_item(path)
+
+
+def file_item(path: Path, captions: list[str] | None = None, metadata: dict[str, Any] | None = None) -> Item:
+    """An image file item; its uri is the absolute path, which is also its identity in the index."""
+    return Item(uri=os.path.abspath(path), image=Path(path), captions=captions or [], metadata=metadata or {})
 
 
 def _entry_item(entry: ManifestEntry) -> Item:
-    return Item(uri=str(entry.image), image=entry.image, captions=entry.captions, metadata=entry.metadata)
+    return file_item(entry.image, entry.captions, entry.metadata)
 
 
 def _element_item(element: Any) -> Item:
     if isinstance(element, Item):
         return element
     if isinstance(element, Path) or (isinstance(element, str) and not _is_text(element)):
-        return Item(uri=str(element), image=Path(element))
+        return file_item(Path(element))
     if isinstance(element, str):
         return Item(text=element)
     if isinstance(element, (Image.Image, np.ndarray, bytes, bytearray)):

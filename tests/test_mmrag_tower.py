@@ -92,6 +92,32 @@ def test_text_semantics(tower: MmragTower, photos: dict[str, Image.Image]) -> No
     assert dog @ dog2 > dog @ money
 
 
+def test_image_tail_is_the_towers_own(tower: MmragTower, photos: dict[str, Image.Image]) -> None:
+    """A trained Lite0 tail lives in the tower's own modules; the shared backbone stays pretrained."""
+    import torch
+
+    from mmrag.encoders.mmrag_tower import image_tokens, load_efficientnet_lite0, trunk_tokens
+    from mmrag.encoders.preprocess import pixels_to_tensor, prepare_pixels
+
+    tail = tower.image_tail
+    if tail is None:
+        pytest.skip("shipped heads carry no image tail")
+    fresh = load_efficientnet_lite0()
+    for name, param in fresh.state_dict().items():
+        assert torch.equal(param, tower.lite0.state_dict()[name]), name
+    assert not torch.equal(tail.conv_head.weight, fresh.conv_head.weight)
+    pixels = pixels_to_tensor(np.stack([prepare_pixels(p, tower.preprocess) for p in photos.values()]), tower.preprocess)
+    with torch.inference_mode():
+        # the tail split reproduces the backbone exactly when it holds the pretrained values
+        from mmrag.encoders.mmrag_tower import ImageTail
+
+        pretrained_tail = ImageTail(fresh, tail.start).eval()
+        split = pretrained_tail(trunk_tokens(fresh, pixels, tail.start))
+        torch.testing.assert_close(split, image_tokens(fresh, pixels), atol=1e-5, rtol=0)
+        # and the tower's image path is trunk -> its tail
+        torch.testing.assert_close(tower.image_tokens(pixels), tail(trunk_tokens(fresh, pixels, tail.start)))
+
+
 def test_spec_round_trip(tower: MmragTower) -> None:
     assert tower.spec == DEFAULT_SPEC
     assert load_encoder(tower.spec).spec == tower.spec
@@ -150,6 +176,6 @@ def test_train_heads_tiny_run(tmp_path: Path) -> None:
     from mmrag.encoders.train import embed_features, extract_features
 
     feats = extract_features(pairs[16:], tmp_path / "cache", config)
-    img_cached, _ = embed_features(encoder.image_head, encoder.text_head, feats)
+    img_cached, _ = embed_features(encoder.image_head, encoder.text_head, feats, tail=encoder.image_tail)
     img_live = encoder.embed_images([Image.open(p) for p, _ in pairs[16:]])
     np.testing.assert_allclose(img_cached, img_live, atol=2e-2)

@@ -167,26 +167,52 @@ def canonical_id(point_id: str) -> str:
         raise ValueError(f"point ids are UUID strings, got {point_id!r}") from None
 
 
-def vector_list(vector: Any, dim: int, what: str = "vector") -> list[float]:
-    """A 1-d float vector of width `dim` as a list of Python floats, or ValueError."""
+def _vector(vector: Any, manifest: IndexManifest, what: str) -> np.ndarray:
+    """`vector` as 1-d float32 of the index's width, or ValueError naming both widths and the encoder."""
     arr = np.asarray(vector, dtype=np.float32)
     if arr.ndim == 2 and arr.shape[0] == 1:
         arr = arr[0]
-    if arr.ndim != 1 or arr.shape[0] != dim:
-        raise ValueError(f"{what} must have shape ({dim},), got {tuple(arr.shape)}")
+    if arr.ndim != 1:
+        raise ValueError(f"{what} must be a 1-d vector, got shape {tuple(arr.shape)}")
+    if arr.shape[0] != manifest.dim:
+        raise ValueError(
+            f"{what} has width {arr.shape[0]}, but the index holds width {manifest.dim} "
+            f"(encoder_spec {manifest.encoder_spec!r}); embed with that encoder or build a new index"
+        )
+    return arr
+
+
+def query_list(vector: Any, manifest: IndexManifest) -> list[float]:
+    """A query vector checked (width, finite) as a list of Python floats, or ValueError."""
+    arr = _vector(vector, manifest, "query vector")
     if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{what} contains NaN or infinite values")
+        raise ValueError("query vector contains NaN or infinite values")
     return arr.tolist()
 
 
-def point_vectors(point: Point, dim: int) -> dict[str, list[float]]:
-    """A point's named vectors as lists, checked: known names, at least one, right width."""
+def point_vectors(point: Point, manifest: IndexManifest) -> dict[str, list[float]]:
+    """A point's named vectors as lists, or ValueError naming the point, the vector and the problem.
+
+    Checked: known names, at least one, the index's width, no NaN or infinity and not all zero
+    (cosine is undefined for a zero vector; the engines would store it and score it 0 forever).
+    """
     if not point.vectors:
         raise ValueError(f"point {point.id} has no vectors; give `image`, `text` or both")
     unknown = set(point.vectors) - set(VECTOR_NAMES)
     if unknown:
         raise ValueError(f"point {point.id} has unknown vector names {sorted(unknown)}; use {VECTOR_NAMES}")
-    return {name: vector_list(v, dim, f"point {point.id} vector {name!r}") for name, v in point.vectors.items()}
+    out: dict[str, list[float]] = {}
+    for name, vector in point.vectors.items():
+        what = f"point {point.id} vector {name!r}"
+        arr = _vector(vector, manifest, what)
+        if np.isnan(arr).any():
+            raise ValueError(f"{what} contains NaN")
+        if np.isinf(arr).any():
+            raise ValueError(f"{what} contains infinite values")
+        if not arr.any():
+            raise ValueError(f"{what} is a zero vector, which has no direction for cosine similarity")
+        out[name] = arr.tolist()
+    return out
 
 
 def filter_conditions(filter: PayloadFilter | None) -> list[tuple[str, FilterValue | list[str] | list[int]]]:

@@ -35,7 +35,7 @@ from .base import (
     filter_conditions,
     fused_prefetch_limit,
     point_vectors,
-    vector_list,
+    query_list,
 )
 
 #: Key of the manifest inside the collection's metadata.
@@ -154,9 +154,9 @@ class ClientStore(Store):
 
     def upsert(self, points: Sequence[Point]) -> None:
         """Insert or overwrite points by id, in batches of `batch_size`. All points are checked first."""
-        dim = self._dim()
+        manifest = self._manifest()
         prepared = [
-            models.PointStruct(id=canonical_id(p.id), vector=point_vectors(p, dim), payload=dict(p.payload))
+            models.PointStruct(id=canonical_id(p.id), vector=point_vectors(p, manifest), payload=dict(p.payload))
             for p in points
         ]
         for start in range(0, len(prepared), self.batch_size):
@@ -164,7 +164,7 @@ class ClientStore(Store):
 
     def delete(self, ids: Sequence[str]) -> int:
         """Delete points by id; returns how many of them existed."""
-        self._dim()
+        self._manifest()
         found = sorted({canonical_id(i) for i in self.existing(ids)})
         for start in range(0, len(found), self.batch_size):
             self.client.delete(
@@ -179,12 +179,12 @@ class ClientStore(Store):
     def search(
         self, vector: np.ndarray, using: VectorName, k: int, filter: PayloadFilter | None = None
     ) -> list[Hit]:
-        dim = self._dim()
+        manifest = self._manifest()
         using = check_using(using)
         k = check_k(k)
         response = self.client.query_points(
             self.collection,
-            query=vector_list(vector, dim, "query vector"),
+            query=query_list(vector, manifest),
             using=using,
             query_filter=_to_filter(filter),
             limit=k,
@@ -194,9 +194,9 @@ class ClientStore(Store):
         return [_hit(p) for p in response.points]
 
     def search_fused(self, vector: np.ndarray, k: int, filter: PayloadFilter | None = None) -> list[Hit]:
-        dim = self._dim()
+        manifest = self._manifest()
         k = check_k(k)
-        query = vector_list(vector, dim, "query vector")
+        query = query_list(vector, manifest)
         flt = _to_filter(filter)
         depth = fused_prefetch_limit(k)
         response = self.client.query_points(
@@ -214,7 +214,7 @@ class ClientStore(Store):
 
     def existing(self, ids: Sequence[str]) -> set[str]:
         """The subset of `ids` (as given) already stored."""
-        self._dim()
+        self._manifest()
         wanted = {i: canonical_id(i) for i in ids}
         unique = sorted(set(wanted.values()))
         found: set[str] = set()
@@ -227,7 +227,7 @@ class ClientStore(Store):
 
     def retrieve(self, ids: Sequence[str]) -> list[Hit]:
         """Stored points by id (score 1.0), in the order given; missing ids are left out."""
-        self._dim()
+        self._manifest()
         wanted = [(i, canonical_id(i)) for i in ids]
         unique = sorted({c for _, c in wanted})
         payloads: dict[str, dict[str, Any]] = {}
@@ -240,7 +240,7 @@ class ClientStore(Store):
         return [Hit(id=i, score=1.0, payload=payloads[c]) for i, c in wanted if c in payloads]
 
     def count(self) -> int:
-        self._dim()
+        self._manifest()
         return self.client.count(self.collection, exact=True).count
 
     # --- internals ----------------------------------------------------------------------------
@@ -249,11 +249,11 @@ class ClientStore(Store):
         if self._closed:
             raise RuntimeError(f"the store for collection {self.collection!r} is closed")
 
-    def _dim(self) -> int:
+    def _manifest(self) -> IndexManifest:
         self._check_open()
         if self.manifest is None:
             raise RuntimeError(f"collection {self.collection!r} holds no index yet; call create(manifest) first")
-        return self.manifest.dim
+        return self.manifest
 
     def _read_manifest(self) -> IndexManifest:
         config = self.client.get_collection(self.collection).config

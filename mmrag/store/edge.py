@@ -7,15 +7,20 @@ Layout of an index directory::
     DIR/.lock           an advisory lock held while a process has the directory open
 
 Only one process may open a shard at a time (the engine locks its WAL); `EdgeStore` takes its own
-lock first so the error says what happened. Every update goes through the shard's write-ahead log,
-so writes survive a crash even without `flush`; `close` flushes segments and the manifest.
+lock first so the error says what happened. Inside one process, every `EdgeStore` on the same
+directory (say an ingest and a retriever) shares one engine, reference-counted, so writes through
+one are seen by the others at once and the shard closes with the last handle. Every update goes
+through the shard's write-ahead log, so writes survive a crash even without `flush`; `close`
+flushes segments and the manifest.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import uuid
+import weakref
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -59,7 +64,7 @@ from .base import (
     filter_conditions,
     fused_prefetch_limit,
     point_vectors,
-    vector_list,
+    query_list,
 )
 
 try:  # POSIX advisory locks; elsewhere the engine's own WAL lock is the only guard
@@ -78,30 +83,28 @@ class StoreLockedError(RuntimeError):
 
 def _locked_message(path: Path) -> str:
     return (
-        f"{path} is locked: it is already open in another process (or by another store in this "
-        "one), and a Qdrant Edge index can be opened by one process at a time. Close it there, or "
-        "serve the index from a Qdrant server and open it by URL."
+        f"{path} is locked: it is open in another process, and an embedded Qdrant Edge index can be "
+        "opened by one process at a time. Close the other process, or run a Qdrant server and open "
+        "the index by URL (open_store('http://host:6333')) to share it between processes."
     )
 
 
-class EdgeStore(Store):
-    """A `Store` over a Qdrant Edge shard in `path`.
+class _Engine:
+    """One index directory opened in this process: the shard, its manifest and the directory lock.
 
-    `EdgeStore(path)` opens an existing index, or leaves `manifest` None for a missing or empty
-    directory until `create(manifest)` is called. Use it as a context manager, or call `close()`:
-    the directory stays locked to this process until then.
+    Shared by every `EdgeStore` on the same resolved path; `refs` counts them. All state changes
+    happen under `_ENGINES_LOCK`.
     """
 
-    #: Points per upsert operation.
-    batch_size: int = 256
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path).expanduser()
+    def __init__(self, path: Path) -> None:
+        self.path = path
         self.manifest: IndexManifest | None = None
-        self._shard: EdgeShard | None = None
-        self._lock_fd: int | None = None
-        if self.path.exists() and not self.path.is_dir():
-            raise ValueError(f"{self.path} is a file; an Edge index is a directory")
+        self.shard: EdgeShard | None = None
+        self.lock_fd: int | None = None
+        self.refs = 0
+
+    def open(self) -> None:
+        """Load the shard if the directory holds an index; leave `manifest` None if it holds none."""
         manifest_path = self.path / MANIFEST_FILE
         shard_path = self.path / SHARD_DIR
         if not manifest_path.exists():
@@ -114,31 +117,17 @@ class EdgeStore(Store):
         manifest = _read_manifest(manifest_path)
         if not shard_path.is_dir():
             raise ValueError(f"{self.path} has a {MANIFEST_FILE} but no {SHARD_DIR}/ directory")
-        self._acquire_lock()
+        self.acquire_lock()
         try:
-            self._shard = _load_shard(shard_path, self.path)
+            self.shard = _load_shard(shard_path, self.path)
         except BaseException:
-            self._release_lock()
+            self.release_lock()
             raise
         self.manifest = manifest
 
-    # --- lifecycle ----------------------------------------------------------------------------
-
     def create(self, manifest: IndexManifest) -> None:
-        """Create the shard (`image` and `text`, cosine, width `manifest.dim`) and write the manifest.
-
-        On an index that already exists this is a no-op when `manifest` matches the stored one
-        and raises `IndexMismatchError` when it does not.
-        """
-        check_manifest(manifest)
-        if self.manifest is not None:
-            if self.manifest != manifest:
-                raise IndexMismatchError(
-                    f"{self.path} already holds an index built with {self.manifest}; got {manifest}"
-                )
-            return
         self.path.mkdir(parents=True, exist_ok=True)
-        self._acquire_lock()
+        self.acquire_lock()
         try:
             config = EdgeConfig(
                 vectors={
@@ -151,18 +140,140 @@ class EdgeStore(Store):
                 shard.update(UpdateOperation.create_field_index(name, PayloadSchemaType.Keyword))
             shard.flush()
         except BaseException:
-            self._release_lock()
+            self.release_lock()
             raise
-        self._shard = shard
+        self.shard = shard
         self.manifest = manifest
-        self._write_manifest()
+        self.write_manifest()
+
+    def flush(self) -> None:
+        if self.shard is not None:
+            self.shard.flush()
+            self.write_manifest()
+
+    def close(self) -> None:
+        shard, self.shard = self.shard, None
+        try:
+            if shard is not None:
+                try:
+                    shard.flush()
+                    self.write_manifest(shard)
+                finally:
+                    shard.close()
+        finally:
+            self.release_lock()
+
+    def write_manifest(self, shard: EdgeShard | None = None) -> None:
+        shard = shard or self.shard
+        if self.manifest is None or shard is None:
+            return
+        data = {
+            **self.manifest.to_dict(),
+            "count": shard.count(CountRequest(exact=True)),
+            "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        target = self.path / MANIFEST_FILE
+        tmp = target.with_name(f"{MANIFEST_FILE}.{uuid.uuid4().hex}.tmp")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, target)
+
+    def acquire_lock(self) -> None:
+        if self.lock_fd is not None or fcntl is None:
+            return
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreLockedError(_locked_message(self.path)) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self.lock_fd = fd
+
+    def release_lock(self) -> None:
+        fd, self.lock_fd = self.lock_fd, None
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)  # type: ignore[union-attr]
+            os.close(fd)
+
+
+#: Open engines by resolved absolute path, and the lock that guards them and their state changes.
+_ENGINES: dict[Path, _Engine] = {}
+_ENGINES_LOCK = threading.RLock()
+
+
+def _acquire_engine(path: Path) -> _Engine:
+    with _ENGINES_LOCK:
+        engine = _ENGINES.get(path) or _Engine(path)
+        if engine.shard is None:
+            engine.open()  # first handle, or every handle so far saw an empty directory
+        engine.refs += 1
+        _ENGINES[path] = engine
+        return engine
+
+
+def _release_engine(engine: _Engine) -> None:
+    """Drop one handle: flush, and close the shard and the lock with the last one."""
+    with _ENGINES_LOCK:
+        engine.refs -= 1
+        if engine.refs > 0:
+            engine.flush()
+            return
+        _ENGINES.pop(engine.path, None)
+        engine.close()
+
+
+class EdgeStore(Store):
+    """A `Store` over a Qdrant Edge shard in `path`.
+
+    `EdgeStore(path)` opens an existing index, or leaves `manifest` None for a missing or empty
+    directory until `create(manifest)` is called. Use it as a context manager, or call `close()`:
+    the directory stays locked to this process until its last handle here is closed (or garbage
+    collected). Handles on the same directory in one process share one engine.
+    """
+
+    #: Points per upsert operation.
+    batch_size: int = 256
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).expanduser()
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"{self.path} is a file; an Edge index is a directory")
+        self._engine: _Engine | None = _acquire_engine(self.path.resolve())
+        self._closed_manifest: IndexManifest | None = None
+        # releases this handle's reference if it is dropped without close(), and at exit
+        self._release = weakref.finalize(self, _release_engine, self._engine)
+
+    @property
+    def manifest(self) -> IndexManifest | None:  # type: ignore[override]
+        """The index's manifest (shared with other handles here), None before `create`."""
+        return self._engine.manifest if self._engine is not None else self._closed_manifest
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def create(self, manifest: IndexManifest) -> None:
+        """Create the shard (`image` and `text`, cosine, width `manifest.dim`) and write the manifest.
+
+        On an index that already exists this is a no-op when `manifest` matches the stored one
+        and raises `IndexMismatchError` when it does not.
+        """
+        check_manifest(manifest)
+        engine = self._open_engine()
+        with _ENGINES_LOCK:
+            if engine.manifest is not None:
+                if engine.manifest != manifest:
+                    raise IndexMismatchError(
+                        f"{self.path} already holds an index built with {engine.manifest}; got {manifest}"
+                    )
+                return
+            engine.create(manifest)
 
     def flush(self) -> None:
         """Flush segments to disk and refresh the manifest's count (the WAL already holds every write)."""
-        if self._shard is None:
-            return
-        self._shard.flush()
-        self._write_manifest()
+        with _ENGINES_LOCK:
+            if self._engine is not None:
+                self._engine.flush()
 
     def optimize(self) -> bool:
         """Merge segments and build the HNSW indexes now (roughly halves query time after a bulk load)."""
@@ -171,26 +282,20 @@ class EdgeStore(Store):
         return changed
 
     def close(self) -> None:
-        """Flush, close the shard and release the directory. Safe to call twice."""
-        shard, self._shard = self._shard, None
-        try:
-            if shard is not None:
-                try:
-                    shard.flush()
-                    self._write_manifest(shard)
-                finally:
-                    shard.close()
-        finally:
-            self._release_lock()
+        """Flush and drop this handle; the last handle on the directory closes the shard. Safe to call twice."""
+        if self._engine is None:
+            return
+        self._closed_manifest = self._engine.manifest
+        self._engine = None
+        self._release()
 
     # --- writes -------------------------------------------------------------------------------
 
     def upsert(self, points: Sequence[Point]) -> None:
         """Insert or overwrite points by id, in batches of `batch_size`. All points are checked first."""
         shard = self._live()
-        dim = self.manifest.dim  # type: ignore[union-attr]
         prepared = [
-            EdgePoint(id=canonical_id(p.id), vector=point_vectors(p, dim), payload=dict(p.payload)) for p in points
+            EdgePoint(id=canonical_id(p.id), vector=point_vectors(p, self.manifest), payload=dict(p.payload)) for p in points
         ]
         for start in range(0, len(prepared), self.batch_size):
             shard.update(UpdateOperation.upsert_points(prepared[start : start + self.batch_size]))
@@ -211,7 +316,7 @@ class EdgeStore(Store):
         shard = self._live()
         using = check_using(using)
         k = check_k(k)
-        query = vector_list(vector, self.manifest.dim, "query vector")  # type: ignore[union-attr]
+        query = query_list(vector, self.manifest)  # type: ignore[arg-type]
         request = QueryRequest(
             limit=k,
             query=Query.Nearest(query, using=using),
@@ -224,7 +329,7 @@ class EdgeStore(Store):
     def search_fused(self, vector: np.ndarray, k: int, filter: PayloadFilter | None = None) -> list[Hit]:
         shard = self._live()
         k = check_k(k)
-        query = vector_list(vector, self.manifest.dim, "query vector")  # type: ignore[union-attr]
+        query = query_list(vector, self.manifest)  # type: ignore[arg-type]
         flt = _to_filter(filter)
         depth = fused_prefetch_limit(k)
         request = QueryRequest(
@@ -268,49 +373,19 @@ class EdgeStore(Store):
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _live(self) -> EdgeShard:
-        if self._shard is None:
-            if self.manifest is None:
-                raise RuntimeError(f"{self.path} holds no index yet; call create(manifest) first")
+    def _open_engine(self) -> _Engine:
+        if self._engine is None:
             raise RuntimeError(f"the Edge index at {self.path} is closed")
-        return self._shard
+        return self._engine
 
-    def _write_manifest(self, shard: EdgeShard | None = None) -> None:
-        shard = shard or self._shard
-        if self.manifest is None or shard is None:
-            return
-        data = {
-            **self.manifest.to_dict(),
-            "count": shard.count(CountRequest(exact=True)),
-            "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        target = self.path / MANIFEST_FILE
-        tmp = target.with_name(f"{MANIFEST_FILE}.{uuid.uuid4().hex}.tmp")
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, target)
-
-    def _acquire_lock(self) -> None:
-        if self._lock_fd is not None or fcntl is None:
-            return
-        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StoreLockedError(_locked_message(self.path)) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        self._lock_fd = fd
-
-    def _release_lock(self) -> None:
-        fd, self._lock_fd = self._lock_fd, None
-        if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_UN)  # type: ignore[union-attr]
-            os.close(fd)
+    def _live(self) -> EdgeShard:
+        shard = self._open_engine().shard
+        if shard is None:
+            raise RuntimeError(f"{self.path} holds no index yet; call create(manifest) first")
+        return shard
 
     def __repr__(self) -> str:
-        state = "closed" if self._shard is None else "open"
+        state = "closed" if self._engine is None else "open"
         return f"EdgeStore({str(self.path)!r}, manifest={self.manifest!r}, {state})"
 
 
