@@ -29,12 +29,8 @@ except ModuleNotFoundError:  # source tree
     from encoders.openclip import load_openclip
     from encoders.preprocess import pixels_to_tensor, prepare_pixels
 
-TINY_ARCH = "mmrag-test-TinyViT"
-TINY_CLIP_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
+from conftest import TINY_ARCH, TINY_CLIP_CFG
+
 LONG_TEXT = "a very long caption about a dog " * 40
 TEXTS = ["a photo of an astronaut", "a cat", LONG_TEXT]
 #: measured: 0.0 for both towers on these photos; the bound leaves room for BLAS differences.
@@ -61,14 +57,6 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 
 # -- openclip --------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_arch(tmp_path_factory: pytest.TempPathFactory) -> str:
-    config = tmp_path_factory.mktemp("open_clip_configs") / f"{TINY_ARCH}.json"
-    config.write_text(json.dumps(TINY_CLIP_CFG))
-    open_clip.add_model_config(config)
-    return TINY_ARCH
-
-
 @pytest.fixture(scope="module")
 def clip_checkpoint(tiny_arch: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)

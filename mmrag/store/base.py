@@ -74,13 +74,21 @@ class Store(ABC):
 
     @abstractmethod
     def upsert(self, points: Sequence[Point]) -> None:
-        """Insert or overwrite points by id."""
+        """Insert or overwrite points by id.
+
+        All points are checked first; a bad one (NaN, infinite, all-zero or wrong-width vector)
+        raises ValueError naming the point, the vector and the problem, and nothing is stored.
+        """
 
     @abstractmethod
     def search(
         self, vector: np.ndarray, using: VectorName, k: int, filter: PayloadFilter | None = None
     ) -> list[Hit]:
-        """The k nearest points by the named vector, best first."""
+        """The k nearest points by the named vector, best first; [] where no point has that vector.
+
+        A query of another width than the index raises ValueError naming both widths and the
+        manifest's `encoder_spec`.
+        """
 
     @abstractmethod
     def search_fused(self, vector: np.ndarray, k: int, filter: PayloadFilter | None = None) -> list[Hit]:

@@ -153,7 +153,11 @@ class ClientStore(Store):
     # --- writes -------------------------------------------------------------------------------
 
     def upsert(self, points: Sequence[Point]) -> None:
-        """Insert or overwrite points by id, in batches of `batch_size`. All points are checked first."""
+        """Insert or overwrite points by id, in batches of `batch_size`.
+
+        Every point is checked before the first write, so a batch with one bad vector (NaN,
+        infinite, all zero, wrong width) raises ValueError and stores nothing.
+        """
         manifest = self._manifest()
         prepared = [
             models.PointStruct(id=canonical_id(p.id), vector=point_vectors(p, manifest), payload=dict(p.payload))

@@ -282,7 +282,7 @@ class EdgeStore(Store):
         return changed
 
     def close(self) -> None:
-        """Flush and drop this handle; the last handle on the directory closes the shard. Safe to call twice."""
+        """Flush and drop this handle; the last one on the directory closes the shard. Safe to call twice."""
         if self._engine is None:
             return
         self._closed_manifest = self._engine.manifest
@@ -292,10 +292,16 @@ class EdgeStore(Store):
     # --- writes -------------------------------------------------------------------------------
 
     def upsert(self, points: Sequence[Point]) -> None:
-        """Insert or overwrite points by id, in batches of `batch_size`. All points are checked first."""
+        """Insert or overwrite points by id, in batches of `batch_size`.
+
+        Every point is checked before the first write, so a batch with one bad vector (NaN,
+        infinite, all zero, wrong width) raises ValueError and stores nothing.
+        """
         shard = self._live()
+        manifest = self.manifest
         prepared = [
-            EdgePoint(id=canonical_id(p.id), vector=point_vectors(p, self.manifest), payload=dict(p.payload)) for p in points
+            EdgePoint(id=canonical_id(p.id), vector=point_vectors(p, manifest), payload=dict(p.payload))
+            for p in points
         ]
         for start in range(0, len(prepared), self.batch_size):
             shard.update(UpdateOperation.upsert_points(prepared[start : start + self.batch_size]))
