@@ -114,6 +114,18 @@ class Encoder(ABC):
                 out[idx] = l2_normalize(self._text_features([batch[i] for i in idx]))
         return out[0] if single else out
 
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Tokens each text needs, special tokens included, before truncation to `context_length`.
+
+        A text with more than `context_length` tokens is embedded truncated (its end token kept);
+        ingest reports such texts. Works for towers that keep a Hugging Face tokenizer in
+        `self.tokenizer`; others override it.
+        """
+        tokenizer = getattr(self, "tokenizer", None)
+        if tokenizer is None or not callable(tokenizer):
+            raise NotImplementedError(f"{type(self).__name__} does not count tokens")
+        return [len(ids) for ids in tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]]
+
     def to(self, device: str | torch.device) -> "Encoder":
         """Move every module to `device`; returns self, as torch does."""
         self.device = torch.device(device)

@@ -81,6 +81,13 @@ class OpenClipEncoder(Encoder):
         """Token ids (n, context_length) on the tower's device; over-long texts keep their EOT."""
         return self.tokenizer(texts, context_length=self.context_length).to(self.device)
 
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Untruncated length with start and end tokens, for open_clip's BPE or a wrapped HF tokenizer."""
+        wrapped = getattr(self.tokenizer, "tokenizer", None)
+        if wrapped is not None:
+            return [len(ids) for ids in wrapped(list(texts), truncation=False, verbose=False)["input_ids"]]
+        return [len(self.tokenizer.encode(text)) + 2 for text in texts]
+
     def token_mask(self, ids: torch.Tensor) -> torch.Tensor:
         """1 up to and including the end token. Pad id 0 is also a real BPE token ("!"), so the
         CLIP tokenizer's mask comes from the EOT position, not from `ids != 0`."""

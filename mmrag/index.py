@@ -155,7 +155,11 @@ class Index:
     def embed_query(self, query: Query) -> np.ndarray:
         """The query's vector: a text embedding, or an image embedding for image inputs."""
         if isinstance(query, str) and not _is_image_path(query):
-            return self.encoder.embed_texts(query)
+            vector = self.encoder.embed_texts(query)  # raises on empty text, before counting tokens
+            tokens = self.encoder.count_tokens([query])[0]
+            if tokens > self.encoder.context_length:
+                logger.warning("query of %d tokens truncated to the tower's %d", tokens, self.encoder.context_length)
+            return vector
         if isinstance(query, str):
             query = Path(query)
         return self.encoder.embed_images(load_image(query))

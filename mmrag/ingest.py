@@ -57,6 +57,8 @@ class IngestReport:
     updated: int = 0
     already_present: int = 0
     skipped: list[Skipped] = field(default_factory=list)
+    #: items with a text or caption longer than the tower's context, embedded truncated
+    truncated: list[str] = field(default_factory=list)
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=lambda: {"decode_wait": 0.0, "encode": 0.0, "write": 0.0})
 
@@ -64,6 +66,7 @@ class IngestReport:
         lines = [f"added {self.added}, updated {self.updated}, already present {self.already_present}, "
                  f"skipped {len(self.skipped)} in {self.seconds:.1f} s"]
         lines += [f"  skipped {s.item}: {s.reason}" for s in self.skipped]
+        lines += [f"  truncated to the tower's context: {item}" for item in self.truncated]
         return "\n".join(lines)
 
 
@@ -208,6 +211,7 @@ def _encode(batch: list[Prepared], encoder: Encoder, report: IngestReport) -> li
     image_vectors = dict(zip((p.id for p in images), encoder.embed_pixels(np.stack([p.pixels for p in images])))) if images else {}
     texts_of = {p.id: _texts(p.item) for p in batch}
     flat = [text for texts in texts_of.values() for text in texts]
+    _note_truncation(batch, texts_of, encoder, report)
     flat_vectors = iter(encoder.embed_texts(flat)) if flat else iter(())
     points = []
     for prepared in batch:
@@ -222,6 +226,15 @@ def _encode(batch: list[Prepared], encoder: Encoder, report: IngestReport) -> li
             continue
         points.append(Point(id=prepared.id, vectors=vectors, payload=_payload(prepared)))
     return points
+
+
+def _note_truncation(batch: list[Prepared], texts_of: dict[str, list[str]], encoder: Encoder,
+                     report: IngestReport) -> None:
+    """Record items whose texts exceed the tower's context: they are embedded truncated."""
+    for prepared in batch:
+        texts = texts_of[prepared.id]
+        if texts and max(encoder.count_tokens(texts)) > encoder.context_length:
+            report.truncated.append(prepared.item.label)
 
 
 def _texts(item: Item) -> list[str]:

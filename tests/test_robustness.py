@@ -293,3 +293,51 @@ def test_16_an_index_folder_holds_no_pickle(tmp_path, encoder, sample_photos):
         if path.is_file():
             head = path.read_bytes()[:2]
             assert head not in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"), f"{path} looks like a pickle"
+
+
+# -- 6. long text ------------------------------------------------------------------------------
+def test_6_long_texts_truncate_keeping_the_end_token_and_are_reported(index, encoder):
+    context = encoder.context_length
+    numbers = " ".join(str(10_000 + 7919 * i) for i in range(40))
+    words = " ".join(["the", "dog", "runs", "on", "a", "sunny", "beach"] * 72)[: 500 * 6]  # about 500 words
+    just_under = " ".join(["dog"] * (context - 3))  # [CLS] + words + [SEP] = context - 1 tokens
+    just_over = " ".join(["dog"] * (context - 1))  # context + 1 tokens
+    texts = [numbers, words, just_under, just_over]
+    counts = encoder.count_tokens(texts)
+    assert counts[2:] == [context - 1, context + 1]
+    vectors = encoder.embed_texts(texts)  # nothing raises
+    assert np.isfinite(vectors).all()
+
+    states, mask = encoder.encode_text_tokens([just_over, "a dog"])
+    assert states.shape[1] == context and mask.sum(1).tolist() == [context, 4]
+    for text in (words, just_over):  # a truncated text embeds as its own truncated prefix, end token kept
+        ids = encoder.tokenizer(text)["input_ids"]
+        prefix = encoder.tokenizer.decode(ids[1 : context - 1])
+        assert encoder.count_tokens([prefix]) == [context]
+        assert cosine(encoder.embed_texts(text), encoder.embed_texts(prefix)) >= 0.9999
+
+    report = index.add(texts, progress=False)
+    assert report.added == 4
+    long_ones = {t[:40] for t, n in zip(texts, counts) if n > context}
+    assert {label[6:46] for label in report.truncated} == long_ones and len(report.truncated) == len(long_ones) >= 2
+
+
+def test_6_openclip_counts_tokens_like_its_tokenizer(tiny_arch):
+    import open_clip
+
+    tower = load_encoder(f"openclip:{tiny_arch}")
+    long_text = "a photo of a dog " * 30
+    assert tower.count_tokens(["a cat", long_text]) == [4, 2 + 5 * 30]
+    ids = open_clip.get_tokenizer(tiny_arch)([long_text])[0]
+    assert int(ids[-1]) == tower.tokenizer.eot_token_id  # truncated, the end token kept
+
+
+# -- 11. sharing an index in one process -------------------------------------------------------
+def test_11_ingest_and_retriever_in_one_process_share_the_index(tmp_path, encoder, sample_photos):
+    location = tmp_path / "shared"
+    with Index.open(location, encoder) as writer, Index.open(location) as reader:
+        writer.add(sample_photos[:4], progress=False)
+        assert reader.count() == 4
+        assert reader.search(sample_photos[1], k=1)[0].uri == str(sample_photos[1])
+    with Index.open(location) as again:
+        assert again.count() == 4
