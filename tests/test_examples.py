@@ -20,5 +20,5 @@ def test_search_photos_example(tmp_path):
     lines = result.stdout.splitlines()
     first_hit = lines[lines.index("text -> image: 'a cat'") + 1]
     assert first_hit.endswith("cat_chelsea.jpg")
-    assert "added 10, already present 0, skipped 0" in result.stdout
+    assert "added 10, updated 0, already present 0, skipped 0" in result.stdout
     assert index.with_suffix(".png").is_file()
