@@ -188,6 +188,18 @@ class Index:
     def __repr__(self) -> str:
         return f"Index({self.location!r}, encoder={self.encoder.spec!r})"
 
+    def as_tool(self, name: str = "mmrag_search", description: str | None = None, *, fetch_urls: bool = False) -> Any:
+        """A LangChain tool searching this index (arguments: query, k, target, filters).
+
+        The one deliberate convenience entry point from the core into an integration: it imports
+        `mmrag.integrations.langchain` here, on call, so the core never needs LangChain. Without
+        LangChain, use `mmrag.agent.search_tool` and `mmrag.agent.tool_schema`.
+        """
+        from mmrag.integrations.langchain import index_tool
+
+        kwargs = {} if description is None else {"description": description}
+        return index_tool(self, name, fetch_urls=fetch_urls, **kwargs)
+
 
 def _check_match(manifest: IndexManifest, encoder: Encoder, location: str) -> None:
     if manifest.encoder_spec != encoder.spec or manifest.dim != encoder.dim:

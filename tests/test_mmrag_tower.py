@@ -92,16 +92,32 @@ def test_text_semantics(tower: MmragTower, photos: dict[str, Image.Image]) -> No
     assert dog @ dog2 > dog @ money
 
 
-def test_image_tail_is_the_towers_own(tower: MmragTower, photos: dict[str, Image.Image]) -> None:
+@pytest.fixture(scope="module")
+def tail_tower(tmp_path_factory: pytest.TempPathFactory) -> MmragTower:
+    """A tower whose Lite0 tail (conv_head, bn2) was trained with its heads on 16 Flickr8k photos."""
+    from mmrag.encoders.train import TrainConfig, train_heads
+
+    if not (FLICKR / "captions.jsonl").is_file():
+        pytest.skip(f"needs {FLICKR} (the project's shared data); absent here")
+    rows = [json.loads(line) for line in (FLICKR / "captions.jsonl").read_text().splitlines()[:20]]
+    pairs = [(FLICKR / row["image"], row["captions"]) for row in rows]
+    config = TrainConfig(dim=32, hidden=64, text_attn_width=32, attn_heads=4, epochs=2, batch_size=8, lr=3e-3,
+                         tail_lr=1e-2, warmup_steps=1, flip=False, patience=0, image_trunk_blocks=6, save_dtype="float32")
+    out = tmp_path_factory.mktemp("tail") / "heads.safetensors"
+    train_heads(pairs[:16], pairs[16:], out, config, out.parent / "cache")
+    return load_mmrag(f"mmrag:lite0-minilm@{out}")
+
+
+def test_image_tail_is_the_towers_own(tail_tower: MmragTower, photos: dict[str, Image.Image]) -> None:
     """A trained Lite0 tail lives in the tower's own modules; the shared backbone stays pretrained."""
     import torch
 
     from mmrag.encoders.mmrag_tower import image_tokens, load_efficientnet_lite0, trunk_tokens
     from mmrag.encoders.preprocess import pixels_to_tensor, prepare_pixels
 
+    tower = tail_tower
     tail = tower.image_tail
-    if tail is None:
-        pytest.skip("shipped heads carry no image tail")
+    assert tail is not None
     fresh = load_efficientnet_lite0()
     for name, param in fresh.state_dict().items():
         assert torch.equal(param, tower.lite0.state_dict()[name]), name
