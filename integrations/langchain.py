@@ -48,8 +48,7 @@ from mmrag.agent import resolve_query as _resolve_query
 from mmrag.encoders import Encoder, load_encoder
 from mmrag.index import Index, SearchHit
 from mmrag.media import load_image
-from mmrag.store import ClientStore, EdgeStore, Store
-from mmrag.store.base import canonical_id
+from mmrag.store import Store
 
 __all__ = ["MultimodalEmbeddings", "MultimodalRetriever", "index_tool", "stored_vectors"]
 
@@ -225,26 +224,8 @@ def index_tool(
 # -- MMR over stored vectors ---------------------------------------------------------------------
 
 def stored_vectors(store: Store, ids: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
-    """The stored named vectors of `ids` (id -> {"image": v, "text": v}), without re-embedding.
-
-    The Store contract returns payloads only, so this asks the backend engine directly: a store
-    with a `retrieve_vectors(ids)` method is used as is; otherwise Qdrant Edge's shard or
-    qdrant-client's `retrieve(with_vectors=True)`.
-    """
-    if hasattr(store, "retrieve_vectors"):
-        return store.retrieve_vectors(ids)  # type: ignore[no-any-return, attr-defined]
-    unique = sorted({canonical_id(i) for i in ids})
-    if isinstance(store, EdgeStore):
-        records = store._live().retrieve(unique, with_payload=False, with_vector=True)
-    elif isinstance(store, ClientStore):
-        records = store.client.retrieve(store.collection, ids=unique, with_payload=False, with_vectors=True)
-    else:
-        raise NotImplementedError(f"MMR needs stored vectors, which {type(store).__name__} cannot return")
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for record in records:
-        vectors = record.vector if isinstance(record.vector, dict) else {}
-        out[str(record.id)] = {name: np.asarray(v, dtype=np.float32) for name, v in vectors.items()}
-    return {i: out[canonical_id(i)] for i in ids if canonical_id(i) in out}
+    """The stored named vectors of `ids` (id -> {"image": v, "text": v}), without re-embedding."""
+    return {hit.id: hit.vectors for hit in store.retrieve(list(ids), with_vectors=True)}
 
 
 def _mmr_search(index: Index, query: Any, options: dict[str, Any]) -> list[SearchHit]:

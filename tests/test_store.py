@@ -303,6 +303,16 @@ def test_existing_and_retrieve(filled):
     upper = ID["f"].upper()  # ids are compared as UUIDs, and come back as given
     assert filled.existing([upper]) == {upper}
     assert [h.id for h in filled.retrieve([upper])] == [upper]
+    assert all(h.vectors == {} for h in hits)  # vectors only when asked
+
+
+def test_retrieve_with_vectors_returns_what_was_stored(filled):
+    expected = {p.id: p.vectors for p in make_points()}
+    for hit in filled.retrieve(list(ID.values()), with_vectors=True):
+        assert sorted(hit.vectors) == sorted(expected[hit.id])
+        for name, vector in hit.vectors.items():
+            assert vector.dtype == np.float32
+            np.testing.assert_allclose(vector, expected[hit.id][name], atol=1e-6)
 
 
 def test_payload_round_trips(filled):

@@ -55,11 +55,12 @@ class Point:
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result: the point id, its similarity score, and its payload."""
+    """One search result: the point id, its similarity score, its payload (and vectors if asked)."""
 
     id: str
     score: float
     payload: dict[str, Any]
+    vectors: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
 
 class Store(ABC):
@@ -99,8 +100,11 @@ class Store(ABC):
         """The subset of `ids` already stored."""
 
     @abstractmethod
-    def retrieve(self, ids: Sequence[str]) -> list[Hit]:
-        """Stored points by id (score 1.0), in the order given; missing ids are left out."""
+    def retrieve(self, ids: Sequence[str], with_vectors: bool = False) -> list[Hit]:
+        """Stored points by id (score 1.0), in the order given; missing ids are left out.
+
+        `with_vectors` also returns each point's stored named vectors (for MMR, say), float32.
+        """
 
     @abstractmethod
     def delete(self, ids: Sequence[str]) -> int:
@@ -259,3 +263,8 @@ def filter_conditions(filter: PayloadFilter | None) -> list[tuple[str, FilterVal
                 f"filter {key!r}: values must be str, int, bool or a list of str/int, got {value!r}"
             )
     return out
+
+
+def record_vectors(vector: Any) -> dict[str, np.ndarray]:
+    """A retrieved record's named vectors as float32 arrays (engines return lists or None)."""
+    return {name: np.asarray(v, dtype=np.float32) for name, v in vector.items()} if isinstance(vector, dict) else {}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ from .base import (
     Store,
     VectorName,
     canonical_id,
+    record_vectors,
     check_k,
     check_manifest,
     check_using,
@@ -229,19 +231,19 @@ class ClientStore(Store):
             found.update(str(r.id) for r in records)
         return {i for i, c in wanted.items() if c in found}
 
-    def retrieve(self, ids: Sequence[str]) -> list[Hit]:
+    def retrieve(self, ids: Sequence[str], with_vectors: bool = False) -> list[Hit]:
         """Stored points by id (score 1.0), in the order given; missing ids are left out."""
         self._manifest()
         wanted = [(i, canonical_id(i)) for i in ids]
         unique = sorted({c for _, c in wanted})
-        payloads: dict[str, dict[str, Any]] = {}
+        found: dict[str, Hit] = {}
         for start in range(0, len(unique), 1000):
             records = self.client.retrieve(
-                self.collection, ids=unique[start : start + 1000], with_payload=True, with_vectors=False
+                self.collection, ids=unique[start : start + 1000], with_payload=True, with_vectors=with_vectors
             )
             for r in records:
-                payloads[str(r.id)] = dict(r.payload or {})
-        return [Hit(id=i, score=1.0, payload=payloads[c]) for i, c in wanted if c in payloads]
+                found[str(r.id)] = Hit(str(r.id), 1.0, dict(r.payload or {}), record_vectors(r.vector))
+        return [replace(found[c], id=i) for i, c in wanted if c in found]
 
     def count(self) -> int:
         self._manifest()

@@ -22,6 +22,7 @@ import threading
 import uuid
 import weakref
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ from .base import (
     Store,
     VectorName,
     canonical_id,
+    record_vectors,
     check_k,
     check_manifest,
     check_using,
@@ -363,16 +365,16 @@ class EdgeStore(Store):
             found.update(str(r.id) for r in records)
         return {i for i, c in wanted.items() if c in found}
 
-    def retrieve(self, ids: Sequence[str]) -> list[Hit]:
+    def retrieve(self, ids: Sequence[str], with_vectors: bool = False) -> list[Hit]:
         """Stored points by id (score 1.0), in the order given; missing ids are left out."""
         shard = self._live()
         wanted = [(i, canonical_id(i)) for i in ids]
         unique = sorted({c for _, c in wanted})
-        payloads: dict[str, dict[str, Any]] = {}
+        found: dict[str, Hit] = {}
         for start in range(0, len(unique), 1000):
-            for r in shard.retrieve(unique[start : start + 1000], with_payload=True, with_vector=False):
-                payloads[str(r.id)] = dict(r.payload or {})
-        return [Hit(id=i, score=1.0, payload=payloads[c]) for i, c in wanted if c in payloads]
+            for r in shard.retrieve(unique[start : start + 1000], with_payload=True, with_vector=with_vectors):
+                found[str(r.id)] = Hit(str(r.id), 1.0, dict(r.payload or {}), record_vectors(r.vector))
+        return [replace(found[c], id=i) for i, c in wanted if c in found]
 
     def count(self) -> int:
         return self._live().count(CountRequest(exact=True))
