@@ -211,7 +211,7 @@ def _encode(batch: list[Prepared], encoder: Encoder, report: IngestReport) -> li
     image_vectors = dict(zip((p.id for p in images), encoder.embed_pixels(np.stack([p.pixels for p in images])))) if images else {}
     texts_of = {p.id: _texts(p.item) for p in batch}
     flat = [text for texts in texts_of.values() for text in texts]
-    _note_truncation(batch, texts_of, encoder, report)
+    _note_truncation(batch, texts_of, encoder.count_tokens(flat) if flat else [], encoder.context_length, report)
     flat_vectors = iter(encoder.embed_texts(flat)) if flat else iter(())
     points = []
     for prepared in batch:
@@ -228,12 +228,16 @@ def _encode(batch: list[Prepared], encoder: Encoder, report: IngestReport) -> li
     return points
 
 
-def _note_truncation(batch: list[Prepared], texts_of: dict[str, list[str]], encoder: Encoder,
+def _note_truncation(batch: list[Prepared], texts_of: dict[str, list[str]], counts: list[int], context: int,
                      report: IngestReport) -> None:
-    """Record items whose texts exceed the tower's context: they are embedded truncated."""
+    """Record items whose texts exceed the tower's context: they are embedded truncated.
+
+    `counts` are the token counts of every text of the batch, in `texts_of` order (one tokenizer call).
+    """
+    remaining = iter(counts)
     for prepared in batch:
         texts = texts_of[prepared.id]
-        if texts and max(encoder.count_tokens(texts)) > encoder.context_length:
+        if texts and max(next(remaining) for _ in texts) > context:
             report.truncated.append(prepared.item.label)
 
 
