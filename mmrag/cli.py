@@ -1,4 +1,4 @@
-"""`mmrag` command line: thin wrappers over the library (Index, evaluate_retrieval, training).
+"""`mmrag` command line: thin wrappers over the library (Index, evaluate_manifest, training).
 
 Each command imports what it needs when it runs, so `mmrag --help` stays fast.
 """
@@ -101,18 +101,32 @@ def evaluate(
     manifest: Path = typer.Argument(..., exists=True, dir_okay=False, help="A captions.jsonl manifest."),
     split: Optional[str] = typer.Option(None, help="Only this split of the manifest (e.g. dev)."),
     encoder: Optional[str] = typer.Option(None, "--encoder", "-e", help="Encoder spec (default: the default tower)."),
+    zero_shot: Optional[bool] = typer.Option(None, "--zero-shot/--no-zero-shot",
+                                             help="Zero-shot mAP over the manifest's categories (default: when it has them)."),
+    templates: Optional[Path] = typer.Option(None, "--templates", exists=True, dir_okay=False,
+                                             help="Prompt templates for zero-shot, one a line with {} for the label."),
     batch_size: int = typer.Option(32),
     as_json: bool = JsonOption,
 ) -> None:
-    """Retrieval recall@1/5/10, text-to-image and image-to-text, on a captions manifest."""
+    """Retrieval recall@1/5/10 both ways, and zero-shot mAP when the manifest lists categories."""
     from .encoders import load_encoder
-    from .evaluate import evaluate_retrieval, format_table
+    from .evaluate import evaluate_manifest, format_eval_table
+    from .zeroshot import read_templates
 
-    report = evaluate_retrieval(load_encoder(encoder), manifest, split=split, batch_size=batch_size, progress=not as_json)
+    try:
+        prompts = read_templates(templates) if templates is not None else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--templates") from None
+    tower = load_encoder(encoder)
+    try:
+        report = evaluate_manifest(tower, manifest, split=split, zero_shot=zero_shot,
+                                   templates=prompts, batch_size=batch_size, progress=not as_json)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="MANIFEST") from None
     if as_json:
         _echo_json(report.to_dict())
     else:
-        typer.echo(format_table(report))
+        typer.echo(format_eval_table(report))
 
 
 @app.command()

@@ -61,6 +61,12 @@ class ManifestEntry:
     captions: list[str]
     metadata: dict[str, Any]
 
+    @property
+    def categories(self) -> list[str]:
+        """The line's `categories` (kept in metadata, so the index payload has them); [] if absent."""
+        value = self.metadata.get("categories") or []
+        return [value] if isinstance(value, str) else [str(c) for c in value]
+
 
 def read_manifest(path: str | Path, split: str | None = None) -> list[ManifestEntry]:
     """Read a captions.jsonl manifest; image paths are relative to the manifest's folder."""

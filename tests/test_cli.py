@@ -78,10 +78,12 @@ def test_eval_prints_recall(tmp_path, coco_mini):
     manifest = tmp_path / "captions.jsonl"
     manifest.write_text("\n".join(
         json.dumps({**json.loads(line), "image": str(coco_mini / json.loads(line)["image"])}) for line in lines))
-    report = json.loads(run("eval", str(manifest), "--json"))
+    both = json.loads(run("eval", str(manifest), "--json"))
+    assert both["zero_shot"]["images"] == 12  # coco lines list categories: zero-shot runs too
+    report = both["retrieval"]
     assert report["images"] == 12 and report["captions"] == 60
     assert set(report["recall"]) == {f"{d}_r{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)}
     # 12 images: recall@10 is far above chance (10/12 would be chance for R@10 of random ranks... use R@1)
     assert report["recall"]["t2i_r1"] > 1 / 12
     table = run("eval", str(manifest))
-    assert "text -> image" in table and "R@10" in table
+    assert "text -> image" in table and "R@10" in table and "mAP" in table

@@ -4,7 +4,9 @@
 
 Indexes ../shared/data/coco_mini (159 COCO photos) into a temporary embedded index, then for each
 COCO category present in at least --min-photos photos searches "a photo of a {category}" and
-counts how many of the top 5 photos have that category. Reports the mean over categories.
+counts how many of the top 5 photos have that category. Reports the mean over categories, and
+the zero-shot classification mAP over all categories with the default prompt templates
+(`mmrag.evaluate.evaluate_zero_shot`, what `mmrag eval` prints).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 from mmrag import Index
+from mmrag.evaluate import evaluate_zero_shot
 from mmrag.sources import read_manifest
 
 COCO_MINI = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "coco_mini"
@@ -39,6 +42,7 @@ def main() -> None:
             hits = index.search(args.template.format(category), k=5)
             per_category[category] = sum(category in h.payload["categories"] for h in hits) / 5
         spec = index.encoder.spec
+        zero_shot = evaluate_zero_shot(index.encoder, COCO_MINI / "captions.jsonl", progress=False)
     mean = sum(per_category.values()) / len(per_category)
     print(json.dumps({
         "bench": "zero_shot_coco_precision_at_5",
@@ -48,6 +52,10 @@ def main() -> None:
         "min_photos": args.min_photos,
         "mean_precision_at_5": round(mean, 4),
         "per_category": {c: round(p, 2) for c, p in per_category.items()},
+        "zero_shot_mAP": round(zero_shot.mAP, 4),
+        "zero_shot_chance": round(zero_shot.chance, 4),
+        "zero_shot_labels": zero_shot.labels,
+        "zero_shot_templates": len(zero_shot.templates),
     }))
 
 
