@@ -21,8 +21,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 HEADS_FORMAT = "mmrag-heads/1"
-#: prefix of the trained image-backbone tail tensors in a heads file
-TAIL_PREFIX = "image_tail."
 
 
 @dataclass(frozen=True)
@@ -134,13 +132,12 @@ def save_heads(
     text_head: PoolHead,
     metadata: dict[str, Any] | None = None,
     dtype: torch.dtype = torch.float16,
-    image_tail: tuple[int, dict[str, torch.Tensor]] | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write both heads to one safetensors file; configs and extra `metadata` go in its header.
 
-    `image_tail` = (trunk_blocks, tensors): trained replacements for tensors of the image
-    backbone's tail (`mmrag_tower.ImageTail` names, stored as `image_tail.<name>`); the header's
-    `image_tail` entry records the split point. Tensors not listed keep their pretrained values.
+    `extra_tensors` (e.g. `image_tower.<name>`: trained backbone blocks) are stored as named;
+    backbone tensors not listed keep their pretrained values at load time.
     """
     tensors = {f"image.{k}": v.detach().to("cpu", dtype).contiguous() for k, v in image_head.state_dict().items()}
     tensors |= {f"text.{k}": v.detach().to("cpu", dtype).contiguous() for k, v in text_head.state_dict().items()}
@@ -150,10 +147,10 @@ def save_heads(
         "image_head": json.dumps(asdict(image_head.config)),
         "text_head": json.dumps(asdict(text_head.config)),
     }
-    if image_tail is not None:
-        blocks, tail_tensors = image_tail
-        tensors |= {f"{TAIL_PREFIX}{k}": v.detach().to("cpu", dtype).contiguous() for k, v in tail_tensors.items()}
-        header["image_tail"] = json.dumps({"trunk_blocks": int(blocks), "tensors": sorted(tail_tensors)})
+    for key, value in (extra_tensors or {}).items():
+        if key.split(".")[0] in ("image", "text"):
+            raise ValueError(f"extra tensor {key!r} would collide with a head's tensors")
+        tensors[key] = value.detach().to("cpu", dtype if value.is_floating_point() else value.dtype).contiguous()
     for key, value in (metadata or {}).items():
         header.setdefault(key, value if isinstance(value, str) else json.dumps(value))
     path = Path(path)
@@ -181,14 +178,11 @@ def load_heads(path: str | Path) -> tuple[PoolHead, PoolHead, dict[str, str]]:
     return heads[0], heads[1], meta
 
 
-def load_image_tail(path: str | Path) -> tuple[int, dict[str, torch.Tensor]] | None:
-    """(trunk_blocks, float32 tensors) of a heads file's trained image tail, or None if it has none."""
+def load_prefixed_tensors(path: str | Path, prefix: str) -> dict[str, torch.Tensor]:
+    """Tensors of a heads file stored under `prefix` (e.g. "image_tower."), prefix removed, float32."""
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if "image_tail" not in meta:
-            return None
-        info = json.loads(meta["image_tail"])
-        tensors = {k[len(TAIL_PREFIX) :]: f.get_tensor(k).float() for k in f.keys() if k.startswith(TAIL_PREFIX)}
-    if sorted(tensors) != sorted(info["tensors"]):
-        raise ValueError(f"{path}: image_tail tensors do not match its metadata")
-    return int(info["trunk_blocks"]), tensors
+        return {k[len(prefix) :]: _as_float32(f.get_tensor(k)) for k in f.keys() if k.startswith(prefix)}
+
+
+def _as_float32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.float() if tensor.is_floating_point() else tensor

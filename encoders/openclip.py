@@ -5,6 +5,8 @@ Specs (the weights half decides where the weights come from, never the architect
     openclip:ViT-B-32@laion2b_s34b_b79k     an open_clip pretrained tag; read from the local cache
     openclip:ViT-B-32@/path/to/ckpt.pt      a local checkpoint (.pt, .pth, .bin or .safetensors)
     openclip:hf-hub:timm/ViT-B-16-SigLIP    config and weights of a hub repo, from the HF cache
+    openclip:local-dir:/path/to/folder      open_clip_config.json + weights in a folder (what
+                                            `mmrag train` writes for an OpenCLIP-style tower)
     openclip:ViT-B-32                       RANDOM weights: only for tests and training from scratch
 
 Weights are looked up before open_clip is asked for them, so that with `HF_HUB_OFFLINE=1` a
@@ -31,6 +33,7 @@ from .preprocess import PreprocessConfig, rgb_triple
 from .registry import Spec, parse_spec, register_family
 
 HF_HUB_PREFIX = "hf-hub:"
+LOCAL_DIR_PREFIX = "local-dir:"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 _OPEN_CLIP_RESIZE_MODES = {"shortest": "shortest", "squash": "squash"}
 #: open_clip treats "random" (a training augmentation) as bicubic at inference.
@@ -155,6 +158,9 @@ def _create_model(parsed: Spec) -> torch.nn.Module:
     if parsed.name.startswith(HF_HUB_PREFIX):
         _require_hub_repo(parsed.name[len(HF_HUB_PREFIX) :])
         return open_clip.create_model(parsed.name, require_pretrained=True)
+    if parsed.name.startswith(LOCAL_DIR_PREFIX):
+        _require_local_dir(Path(parsed.name[len(LOCAL_DIR_PREFIX) :]))
+        return open_clip.create_model(parsed.name, require_pretrained=True)
     _require_architecture(parsed.name)
     if not parsed.weights:
         # Random init, on purpose: no base-tower downloads either.
@@ -197,6 +203,15 @@ def _require_architecture(arch: str) -> None:
             f"unknown open_clip architecture {arch!r}; close matches: {close}. "
             "A custom architecture needs its JSON config registered with open_clip.add_model_config(path)."
         )
+
+
+def _require_local_dir(folder: Path) -> None:
+    """A `local-dir:` folder needs open_clip's config and one weights file."""
+    config = folder / "open_clip_config.json"
+    if not config.is_file():
+        raise ModelNotFoundError(f"open_clip folder config not found: {config}")
+    if not any(folder.glob(f"*{suffix}") for suffix in CHECKPOINT_SUFFIXES):
+        raise ModelNotFoundError(f"no open_clip weights file ({', '.join(CHECKPOINT_SUFFIXES)}) in {folder}")
 
 
 def _require_checkpoint(weights: str) -> Path:

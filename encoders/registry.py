@@ -7,6 +7,7 @@ A spec is `family:rest`, one string that names a model and its weights exactly, 
     openclip:ViT-B-32@laion2b_s34b_b79k            an open_clip architecture and pretrained tag
     openclip:ViT-B-32@/path/to/checkpoint.pt       ... or a local checkpoint
     openclip:hf-hub:timm/ViT-B-16-SigLIP           ... or a hub name (needs the hub cache)
+    openclip:local-dir:/path/to/folder             ... or a folder `mmrag train` wrote
     align:/path/to/align-folder                    a transformers AlignModel folder
     align:kakaobrain/align-base                    ... or a hub id from the cache
 
@@ -40,11 +41,11 @@ class Spec:
 
 
 def parse_spec(spec: str) -> Spec:
-    """Split `family:name@weights`; an `hf-hub:` name is kept whole, as timm and open_clip do."""
+    """Split `family:name@weights`; `hf-hub:` and `local-dir:` names are kept whole, as open_clip does."""
     family, sep, rest = spec.partition(":")
     if not sep or not family or not rest:
         raise ValueError(f"encoder spec {spec!r} is not of the form 'family:name[@weights]', e.g. {DEFAULT_SPEC!r}")
-    if rest.startswith("hf-hub:"):
+    if rest.startswith(("hf-hub:", "local-dir:")):
         return Spec(family, rest, "")
     name, _, weights = rest.partition("@")
     return Spec(family, name, weights)

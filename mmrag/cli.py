@@ -131,30 +131,77 @@ def evaluate(
 
 @app.command()
 def train(
-    manifest: Path = typer.Argument(..., exists=True, dir_okay=False, help="captions.jsonl with train and dev splits."),
-    out: Path = typer.Option(..., "--out", "-o", help="Heads file to write (.safetensors)."),
-    train_split: str = typer.Option("train", help="Split to train on."),
-    dev_split: str = typer.Option("dev", help="Split to select the best epoch on."),
+    source: Path = typer.Argument(..., exists=True, help="Training data: a captions.jsonl manifest or a folder with one."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: model, curves.png, history.json, checkpoint/."),
+    style: str = typer.Option("align", help="align: EfficientNet + transformers text model + heads; openclip: any open_clip model."),
+    image_backbone: str = typer.Option("lite0", help="align style: lite0, lite1, lite2 or timm:<name>."),
+    text_backbone: str = typer.Option("minilm", help="align style: minilm or a local transformers folder (e.g. XLM-R)."),
+    model: str = typer.Option("ViT-B-32", help="openclip style: ARCH (from scratch), ARCH@TAG or ARCH@CHECKPOINT, or a spec."),
+    model_config: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="openclip style: JSON config of a custom architecture."),
+    loss: str = typer.Option("clip", help="clip (InfoNCE), align (normalised softmax + label smoothing) or siglip."),
+    label_smoothing: float = typer.Option(0.1, help="For --loss align."),
+    image_unlocked: int = typer.Option(0, help="Image tower blocks to train, from the end: 0 locked, -1 all."),
+    text_unlocked: int = typer.Option(0, help="Text tower blocks to train, from the end: 0 locked, -1 all."),
+    augment: str = typer.Option("flip", help="none, flip (cached mirrored copies) or crop (random resized crops + flip)."),
     epochs: int = typer.Option(20, min=1),
+    batch_size: int = typer.Option(512, min=2),
+    lr: float = typer.Option(1e-3, help="Learning rate of heads (align) or of the whole model (openclip)."),
+    backbone_lr: float = typer.Option(1e-4, help="Learning rate of unlocked pretrained blocks (align style)."),
+    warmup_steps: int = typer.Option(50, min=0, help="Linear warm-up steps before the cosine decay."),
+    precision: str = typer.Option("no", help="accelerate mixed precision: no, bf16 or fp16."),
+    grad_accumulation: int = typer.Option(1, min=1),
+    train_split: Optional[str] = typer.Option("train", help="Split of SOURCE to train on ('' for all of it)."),
+    dev: Optional[Path] = typer.Option(None, exists=True, help="Held-out manifest or folder (default: SOURCE's --dev-split)."),
+    dev_split: Optional[str] = typer.Option("dev", help="Split to evaluate each epoch on ('' for all of --dev)."),
     seed: int = typer.Option(0),
-    cache: Path = typer.Option(Path(".cache/train-features"), help="Where frozen backbone features are cached."),
+    cache: Path = typer.Option(Path(".cache/train-features"), help="Where locked-prefix features are cached."),
+    resume: bool = typer.Option(True, help="Continue from OUT/checkpoint when there is one."),
 ) -> None:
-    """Train the default tower's heads on frozen backbones; prints the spec that loads them."""
-    from .encoders.train import TrainConfig, train_heads
-    from .sources import read_manifest
+    """Train a dual-encoder tower contrastively; prints the spec that loads it, with its dev figures.
 
-    def pairs(split: str) -> list[tuple[Path, list[str]]]:
-        entries = [(e.image, e.captions) for e in read_manifest(manifest, split=split) if e.captions]
-        if not entries:
-            raise typer.BadParameter(f"{manifest} has no captioned images in split {split!r}")
-        return entries
+    Multi-GPU: `accelerate launch -m mmrag.cli train ...` runs the same command on every device.
+    """
+    import torch
 
-    train_pairs, dev_pairs = pairs(train_split), pairs(dev_split)
-    data = {"manifest": manifest.name, "train_split": train_split, "dev_split": dev_split,
+    from .encoders.trainer import TrainConfig, train_towers
+    from .sources import captioned_pairs
+
+    def pairs(path: Path, split: str | None, name: str) -> list[tuple[Path, list[str]]]:
+        found = captioned_pairs(path, split=split or None)
+        if not found:
+            raise typer.BadParameter(f"{path} has no captioned images" + (f" in split {split!r}" if split else ""),
+                                     param_hint=name)
+        return found
+
+    for value, allowed, hint in ((style, ("align", "openclip"), "--style"), (loss, ("clip", "align", "siglip"), "--loss"),
+                                 (augment, ("none", "flip", "crop"), "--augment"), (precision, ("no", "bf16", "fp16"), "--precision")):
+        if value not in allowed:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=hint)
+    train_pairs = pairs(source, train_split, "SOURCE / --train-split")
+    dev_pairs = pairs(dev or source, dev_split, "--dev / --dev-split")
+    config = TrainConfig(loss=loss, label_smoothing=label_smoothing, image_unlocked=image_unlocked,  # type: ignore[arg-type]
+                         text_unlocked=text_unlocked, augment=augment, epochs=epochs, batch_size=batch_size, lr=lr,  # type: ignore[arg-type]
+                         backbone_lr=backbone_lr, warmup_steps=warmup_steps, precision=precision, grad_accumulation=grad_accumulation, seed=seed)  # type: ignore[arg-type]
+    torch.manual_seed(seed)  # fresh heads / from-scratch weights start the same for the same seed
+    towers = _towers(style, image_backbone, text_backbone, model, model_config)
+    data = {"source": str(source), "train_split": train_split, "dev": str(dev or source), "dev_split": dev_split,
             "train_images": len(train_pairs), "dev_images": len(dev_pairs)}
-    result = train_heads(train_pairs, dev_pairs, out, TrainConfig(epochs=epochs, seed=seed), cache, data=data)
-    _echo_json({"spec": f"mmrag:lite0-minilm@{out.resolve()}", "best_epoch": result.best_epoch,
-                "dev_recall": result.dev_recall, "seconds": round(result.seconds)})
+    result = train_towers(towers, train_pairs, dev_pairs, out, config, cache, resume=resume, data=data)
+    _echo_json({"spec": result.spec, "best_epoch": result.best_epoch, "dev_recall": result.dev_recall,
+                "seconds": round(result.seconds), "curves": str(out / "curves.png")})
+
+
+def _towers(style: str, image_backbone: str, text_backbone: str, model: str, model_config: Optional[Path]):
+    """The towers `mmrag train` starts from."""
+    from .encoders.towers import AlignTowers, OpenClipTowers
+
+    if style == "align":
+        return AlignTowers(image_backbone, text_backbone)
+    if model_config is not None:
+        import open_clip
+
+        open_clip.add_model_config(model_config)
+    return OpenClipTowers(model if model.startswith("openclip:") else f"openclip:{model}")
 
 
 @app.command()

@@ -110,6 +110,22 @@ def iter_items(source: Source) -> Iterator[Item]:
         yield _element_item(element)
 
 
+def captioned_pairs(source: Source, split: str | None = None) -> list[tuple[Path, list[str]]]:
+    """(image path, captions) for every captioned image file of `source`, optionally one `split`.
+
+    What training and evaluation read: the same folders and manifests `Index.add` takes;
+    images without captions are left out (nothing to pair them with).
+    """
+    pairs = []
+    for item in iter_items(source):
+        if not item.captions or not isinstance(item.image, Path):
+            continue
+        if split is not None and item.metadata.get("split") != split:
+            continue
+        pairs.append((item.image, list(item.captions)))
+    return pairs
+
+
 def count_items(source: Source) -> int | None:
     """How many items a source holds, when that is cheap to know (for the progress bar)."""
     if isinstance(source, (list, tuple)):

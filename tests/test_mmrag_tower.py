@@ -1,4 +1,4 @@
-"""The default tower (mmrag:lite0-minilm), its heads trainer and the retrieval metric."""
+"""The default tower (mmrag:lite0-minilm) and the retrieval metric; training is in test_trainer.py."""
 
 from __future__ import annotations
 
@@ -92,48 +92,6 @@ def test_text_semantics(tower: MmragTower, photos: dict[str, Image.Image]) -> No
     assert dog @ dog2 > dog @ money
 
 
-@pytest.fixture(scope="module")
-def tail_tower(tmp_path_factory: pytest.TempPathFactory) -> MmragTower:
-    """A tower whose Lite0 tail (conv_head, bn2) was trained with its heads on 16 Flickr8k photos."""
-    from mmrag.encoders.train import TrainConfig, train_heads
-
-    if not (FLICKR / "captions.jsonl").is_file():
-        pytest.skip(f"needs {FLICKR} (the project's shared data); absent here")
-    rows = [json.loads(line) for line in (FLICKR / "captions.jsonl").read_text().splitlines()[:20]]
-    pairs = [(FLICKR / row["image"], row["captions"]) for row in rows]
-    config = TrainConfig(dim=32, hidden=64, text_attn_width=32, attn_heads=4, epochs=2, batch_size=8, lr=3e-3,
-                         tail_lr=1e-2, warmup_steps=1, flip=False, patience=0, image_trunk_blocks=6, save_dtype="float32")
-    out = tmp_path_factory.mktemp("tail") / "heads.safetensors"
-    train_heads(pairs[:16], pairs[16:], out, config, out.parent / "cache")
-    return load_mmrag(f"mmrag:lite0-minilm@{out}")
-
-
-def test_image_tail_is_the_towers_own(tail_tower: MmragTower, photos: dict[str, Image.Image]) -> None:
-    """A trained Lite0 tail lives in the tower's own modules; the shared backbone stays pretrained."""
-    import torch
-
-    from mmrag.encoders.mmrag_tower import image_tokens, load_efficientnet_lite0, trunk_tokens
-    from mmrag.encoders.preprocess import pixels_to_tensor, prepare_pixels
-
-    tower = tail_tower
-    tail = tower.image_tail
-    assert tail is not None
-    fresh = load_efficientnet_lite0()
-    for name, param in fresh.state_dict().items():
-        assert torch.equal(param, tower.lite0.state_dict()[name]), name
-    assert not torch.equal(tail.conv_head.weight, fresh.conv_head.weight)
-    pixels = pixels_to_tensor(np.stack([prepare_pixels(p, tower.preprocess) for p in photos.values()]), tower.preprocess)
-    with torch.inference_mode():
-        # the tail split reproduces the backbone exactly when it holds the pretrained values
-        from mmrag.encoders.mmrag_tower import ImageTail
-
-        pretrained_tail = ImageTail(fresh, tail.start).eval()
-        split = pretrained_tail(trunk_tokens(fresh, pixels, tail.start))
-        torch.testing.assert_close(split, image_tokens(fresh, pixels), atol=1e-5, rtol=0)
-        # and the tower's image path is trunk -> its tail
-        torch.testing.assert_close(tower.image_tokens(pixels), tail(trunk_tokens(fresh, pixels, tail.start)))
-
-
 def test_spec_round_trip(tower: MmragTower) -> None:
     assert tower.spec == DEFAULT_SPEC
     assert load_encoder(tower.spec).spec == tower.spec
@@ -167,31 +125,3 @@ def test_encode_text_tokens(tower: MmragTower) -> None:
 def test_empty_text_rejected(tower: MmragTower) -> None:
     with pytest.raises(ValueError):
         tower.embed_texts(["a dog", "  "])
-
-
-# -- training ----------------------------------------------------------------------------------
-@needs_flickr
-def test_train_heads_tiny_run(tmp_path: Path) -> None:
-    from mmrag.encoders.train import TrainConfig, train_heads
-
-    rows = [json.loads(line) for line in (FLICKR / "captions.jsonl").read_text().splitlines()[:24]]
-    pairs = [(FLICKR / row["image"], row["captions"]) for row in rows]
-    config = TrainConfig(
-        dim=32, hidden=64, image_attn_width=32, text_attn_width=32, attn_heads=4, epochs=8, batch_size=16,
-        lr=3e-3, warmup_steps=1, captions="all", flip=False, patience=0, save_dtype="float32",
-    )
-    out = tmp_path / "heads.safetensors"
-    result = train_heads(pairs[:16], pairs[16:], out, config, tmp_path / "cache", data={"name": "tiny"})
-    losses = [row["loss"] for row in result.history]
-    assert losses[-1] < losses[0]
-    assert 1 <= result.best_epoch <= 8 and set(result.dev_recall) == {f"{d}_r{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)}
-    encoder = load_mmrag(f"mmrag:lite0-minilm@{out}")
-    assert encoder.dim == 32
-    assert json.loads(encoder.metadata["data"]) == {"name": "tiny"}
-    # the tower reproduces the features training saw (float16 cache vs float32 inference aside)
-    from mmrag.encoders.train import embed_features, extract_features
-
-    feats = extract_features(pairs[16:], tmp_path / "cache", config)
-    img_cached, _ = embed_features(encoder.image_head, encoder.text_head, feats, tail=encoder.image_tail)
-    img_live = encoder.embed_images([Image.open(p) for p, _ in pairs[16:]])
-    np.testing.assert_allclose(img_cached, img_live, atol=2e-2)
