@@ -423,11 +423,13 @@ def train_towers(
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
 
+        train_seconds = time.perf_counter() - epoch_start
         unwrapped: ContrastiveModel = accelerator.unwrap_model(model)
         recall = retrieval_recall(*embed_split(unwrapped.towers, dev), dev.owner)
         score = float(np.mean(list(recall.values())))
         row = {"epoch": epoch, "loss": float(np.mean(losses)), "temperature": unwrapped.loss.temperature,
-               "dev_mean_recall": score, "seconds": time.perf_counter() - epoch_start, **recall}
+               "dev_mean_recall": score, "seconds": time.perf_counter() - epoch_start,
+               "pairs_per_second": n_images / train_seconds, **recall}
         state["history"].append(row)
         log.info("epoch %d loss %.3f dev mean R %.4f t2i R@1 %.3f i2t R@1 %.3f (%.0fs)", epoch, row["loss"], score,
                  recall["t2i_r1"], recall["i2t_r1"], row["seconds"])
