@@ -389,40 +389,11 @@ def train_towers(
         accelerator.load_state(str(checkpoint))
         log.info("resumed %s after epoch %d", out_dir, state["epoch"])
 
-    counts = np.bincount(train.owner, minlength=n_images)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    device = accelerator.device
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
         if stop_after is not None and epoch > stop_after:
             break
         epoch_start = time.perf_counter()
-        rng = np.random.default_rng([config.seed, epoch])
-        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-        torch.manual_seed(config.seed * 100_003 + epoch)  # dropout
-        model.train()
-        losses = []
-        order = rng.permutation(n_images)
-        captions = starts + rng.integers(0, counts)  # one caption per image this epoch
-        view_of = rng.integers(len(train.images), size=n_images)
-        bar = tqdm(range(0, n_images, config.batch_size), desc=f"epoch {epoch}/{config.epochs}", unit="batch",
-                   disable=not accelerator.is_local_main_process)
-        for start in bar:
-            idx = order[start : start + config.batch_size]
-            idx = idx[accelerator.process_index :: accelerator.num_processes]
-            if len(idx) < 2:
-                continue
-            image_in = _image_batch(towers, train, idx, view_of, config, generator)
-            text_in, mask = text_batch(train, torch.from_numpy(captions[idx]))
-            with accelerator.accumulate(model):
-                loss = model(image_in.to(device), text_in.to(device), None if mask is None else mask.to(device))
-                accelerator.backward(loss)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                accelerator.unwrap_model(model).loss.clamp_()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-
+        losses = _train_epoch(accelerator, model, optimizer, scheduler, train, config, epoch)
         train_seconds = time.perf_counter() - epoch_start
         unwrapped: ContrastiveModel = accelerator.unwrap_model(model)
         recall = retrieval_recall(*embed_split(unwrapped.towers, dev), dev.owner)
@@ -452,6 +423,46 @@ def train_towers(
     seconds = time.perf_counter() - started
     return TrainResult(state["spec"], _model_path(out_dir, towers), state["best_epoch"], state["best_recall"],
                        state["history"], seconds)
+
+
+def _train_epoch(accelerator, model, optimizer, scheduler, train: Features, config: TrainConfig, epoch: int) -> list[float]:
+    """One pass over the training images, each with one caption drawn for this epoch; the losses.
+
+    Every random choice comes from generators seeded by (seed, epoch), never from the state a
+    previous epoch left behind: that is what makes a resumed run equal an uninterrupted one.
+    """
+    towers: DualTowers = accelerator.unwrap_model(model).towers
+    n_images = len(train.images[0])
+    counts = np.bincount(train.owner, minlength=n_images)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])  # captions are grouped by image
+    rng = np.random.default_rng([config.seed, epoch])
+    generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+    torch.manual_seed(config.seed * 100_003 + epoch)  # dropout
+    order = rng.permutation(n_images)
+    captions = starts + rng.integers(0, counts)
+    view_of = rng.integers(len(train.images), size=n_images)
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(range(0, n_images, config.batch_size), desc=f"epoch {epoch}/{config.epochs}", unit="batch",
+               disable=not accelerator.is_local_main_process)
+    for start in bar:
+        idx = order[start : start + config.batch_size]
+        idx = idx[accelerator.process_index :: accelerator.num_processes]  # this process's share
+        if len(idx) < 2:
+            continue
+        image_in = _image_batch(towers, train, idx, view_of, config, generator)
+        text_in, mask = text_batch(train, torch.from_numpy(captions[idx]))
+        device = accelerator.device
+        with accelerator.accumulate(model):
+            loss = model(image_in.to(device), text_in.to(device), None if mask is None else mask.to(device))
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.unwrap_model(model).loss.clamp_()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    return losses
 
 
 def _image_batch(towers: DualTowers, feats: Features, idx: np.ndarray, view_of: np.ndarray, config: TrainConfig,
