@@ -10,6 +10,9 @@ for its ids before encoding: an item whose stored payload (content hash, caption
 is unchanged is skipped, a changed one is re-encoded and overwritten. So re-running an
 interrupted or repeated ingest encodes only what is missing or changed: that is the resume
 checkpoint, and a photo replaced on disk replaces its old version in the index.
+
+`mmrag.ray_ingest` runs the same steps (`prepare_item`, `unstored`, `encode_prepared`,
+`write_points`) on Ray actors, so both paths build the same points.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .encoders import Encoder, PreprocessConfig, prepare_pixels
 from .media import ImageDecodeError, MAX_PIXELS, content_hash, decode_bytes, load_image, pixel_hash, read_bytes
-from .sources import Item
+from .sources import DERIVED_KEYS, Item
 from .store import Point, Store
 
 logger = logging.getLogger(__name__)
@@ -80,6 +83,21 @@ class Prepared:
     pixels: np.ndarray | None = None
     error: str | None = None
 
+    @property
+    def payload(self) -> dict[str, Any]:
+        """What the store keeps beside the vectors; an equal stored payload means nothing changed."""
+        item = self.item
+        payload: dict[str, Any] = dict(item.metadata)
+        payload.update(
+            uri=item.uri,
+            captions=[c for c in item.captions if c.strip()],
+            content_hash=self.content_hash,
+            modality="text" if item.image is None else "image",
+        )
+        if item.text is not None:
+            payload["text"] = item.text
+        return payload
+
 
 def point_id(digest: str) -> str:
     """A UUID string from a hex digest: Qdrant accepts it, and it is stable across runs."""
@@ -90,11 +108,16 @@ def text_hash(text: str) -> str:
     return content_hash(b"text\0" + text.encode("utf-8"))
 
 
-def item_id(item: Item, digest: str) -> str:
-    """A file's identity is its path (so a replaced photo replaces its point); else its content."""
+def file_id(item: Item) -> str | None:
+    """An image file's id, known from its path before the file is read; None for other items."""
     if item.uri is not None and isinstance(item.image, (os.PathLike, str)):
         return point_id(content_hash(b"file\0" + item.uri.encode("utf-8")))
-    return point_id(digest)
+    return None
+
+
+def item_id(item: Item, digest: str) -> str:
+    """A file's identity is its path (so a replaced photo replaces its point); else its content."""
+    return file_id(item) or point_id(digest)
 
 
 def prepare_item(item: Item, config: PreprocessConfig, max_pixels: int = MAX_PIXELS,
@@ -185,18 +208,49 @@ def ingest(
 
 def _write_batch(batch: list[Prepared], encoder: Encoder, store: Store, report: IngestReport) -> None:
     """Encode what the store lacks or holds in another version, then upsert it as one request."""
-    stored = {hit.id: hit.payload for hit in store.retrieve(list({p.id for p in batch}))}
-    fresh: dict[str, Prepared] = {}
-    for prepared in batch:
-        if prepared.id in fresh or stored.get(prepared.id) == _payload(prepared):
-            report.already_present += 1
-        else:
-            fresh[prepared.id] = prepared
+    stored = stored_payloads(store, [p.id for p in batch])
+    fresh = unstored(batch, stored, report)
     if not fresh:
         return
     started = time.perf_counter()
-    points = _encode(list(fresh.values()), encoder, report)
+    points = encode_prepared(fresh, encoder, report)
     report.stage_seconds["encode"] += time.perf_counter() - started
+    write_points(points, stored, store, report)
+
+
+#: What change detection compares: a decoded item before encoding, or an encoded point before writing.
+Entry = TypeVar("Entry", Prepared, Point)
+
+
+def stored_payloads(store: Store, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The payloads the store holds for `ids`, by id; ids it lacks are left out."""
+    return {hit.id: hit.payload for hit in store.retrieve(list(set(ids)))}
+
+
+def unstored(entries: list[Entry], stored: dict[str, dict[str, Any]], report: IngestReport) -> list[Entry]:
+    """The first entry of each id the store lacks or holds with another payload; the rest count as present.
+
+    Keys written after ingest (DERIVED_KEYS: tags) are left out of the comparison, so tagging does
+    not make every item look changed; a changed item is rewritten whole, dropping its stale tags.
+    """
+    fresh: dict[str, Entry] = {}
+    for entry in entries:
+        if entry.id in fresh or _ingested_part(stored.get(entry.id)) == entry.payload:
+            report.already_present += 1
+        else:
+            fresh[entry.id] = entry
+    return list(fresh.values())
+
+
+def _ingested_part(payload: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A stored payload without the keys added after ingest."""
+    return None if payload is None else {k: v for k, v in payload.items() if k not in DERIVED_KEYS}
+
+
+def write_points(points: list[Point], stored: dict[str, dict[str, Any]], store: Store, report: IngestReport) -> None:
+    """Upsert `points` in one request; an id that was in `stored` counts as updated, others as added."""
+    if not points:
+        return
     started = time.perf_counter()
     store.upsert(points)
     report.stage_seconds["write"] += time.perf_counter() - started
@@ -205,7 +259,7 @@ def _write_batch(batch: list[Prepared], encoder: Encoder, store: Store, report: 
     report.added += len(points) - replaced
 
 
-def _encode(batch: list[Prepared], encoder: Encoder, report: IngestReport) -> list[Point]:
+def encode_prepared(batch: list[Prepared], encoder: Encoder, report: IngestReport) -> list[Point]:
     """Image vectors from pixels; text vectors from a text item, or the mean of an image's captions."""
     images = [p for p in batch if p.pixels is not None]
     image_vectors = dict(zip((p.id for p in images), encoder.embed_pixels(np.stack([p.pixels for p in images])))) if images else {}
@@ -224,7 +278,7 @@ def _encode(batch: list[Prepared], encoder: Encoder, report: IngestReport) -> li
         if not vectors or not all(np.isfinite(v).all() and np.linalg.norm(v) > 0 for v in vectors.values()):
             report.skipped.append(Skipped(prepared.item.label, "encoder produced a zero or non-finite vector"))
             continue
-        points.append(Point(id=prepared.id, vectors=vectors, payload=_payload(prepared)))
+        points.append(Point(id=prepared.id, vectors=vectors, payload=prepared.payload))
     return points
 
 
@@ -252,17 +306,3 @@ def _mean_direction(vectors: np.ndarray) -> np.ndarray:
     """Several caption embeddings pooled into one unit vector (their mean direction)."""
     mean = vectors.mean(axis=0)
     return (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
-
-
-def _payload(prepared: Prepared) -> dict[str, Any]:
-    item = prepared.item
-    payload: dict[str, Any] = dict(item.metadata)
-    payload.update(
-        uri=item.uri,
-        captions=[c for c in item.captions if c.strip()],
-        content_hash=prepared.content_hash,
-        modality="text" if item.image is None else "image",
-    )
-    if item.text is not None:
-        payload["text"] = item.text
-    return payload

@@ -356,6 +356,57 @@ def test_upsert_in_several_batches(kind, tmp_path):
         s.close()
 
 
+def test_scroll_pages_through_every_point(filled):
+    pages = list(filled.scroll(page_size=4, with_vectors=True))
+    assert [len(page) for page in pages] == [4, 2]
+    hits = [hit for page in pages for hit in page]
+    assert sorted(names(hits)) == sorted(SPEC) and all(hit.score == 1.0 for hit in hits)
+    for hit in hits:
+        assert hit.payload == SPEC[NAME[hit.id]][2]
+        stored = filled.retrieve([hit.id], with_vectors=True)[0].vectors
+        assert hit.vectors.keys() == stored.keys()
+        assert all(np.array_equal(hit.vectors[k], stored[k]) for k in stored)
+    assert all(hit.vectors == {} for page in filled.scroll() for hit in page)
+    with pytest.raises(ValueError, match="page_size"):
+        next(filled.scroll(page_size=0))
+
+
+def test_set_payload_merges_keys_and_leaves_vectors(store):
+    before = {h.id: h.vectors for h in store.retrieve([ID["a"], ID["e"]], with_vectors=True)}
+    store.set_payload({ID["a"]: {"tags": ["dog", "beach"], "tag_scores": {"dog": 3.1}}, ID["e"]: {"tags": ["dog"]}})
+    a, e = store.retrieve([ID["a"], ID["e"]], with_vectors=True)
+    assert a.payload == {**SPEC["a"][2], "tags": ["dog", "beach"], "tag_scores": {"dog": 3.1}}
+    assert e.payload == {**SPEC["e"][2], "tags": ["dog"]}  # e's own `tags: ["x"]` replaced whole
+    for hit in (a, e):
+        assert all(np.array_equal(hit.vectors[k], before[hit.id][k]) for k in before[hit.id])
+    assert names(store.search(Q_IMAGE, "image", 10, filter={"tags": "dog"})) == ["a", "e"]
+    assert names(store.search(Q_IMAGE, "image", 10, filter={"tags": "beach"})) == ["a"]
+    assert store.count() == len(SPEC)
+
+
+def test_set_payload_refuses_unknown_ids_and_bad_payloads(store):
+    with pytest.raises(KeyError, match=pid("missing")):
+        store.set_payload({ID["b"]: {"tags": ["new"]}, pid("missing"): {"tags": ["new"]}})
+    assert store.retrieve([ID["b"]])[0].payload == SPEC["b"][2]  # nothing written
+    for bad in ({ID["b"]: {}}, {ID["b"]: ["tags"]}, {"not-a-uuid": {"k": 1}}):
+        with pytest.raises(ValueError):
+            store.set_payload(bad)
+
+
+def test_set_payload_adds_the_tags_index_to_an_older_edge_index(tmp_path, monkeypatch):
+    import mmrag.store.edge as edge
+
+    monkeypatch.setattr(edge, "INDEXED_KEYWORD_FIELDS", ("modality", "uri"))  # as indexes were made before tags
+    with EdgeStore(tmp_path / "old") as s:
+        s.create(MANIFEST)
+        s.upsert(make_points())
+        monkeypatch.undo()
+        assert "tags" not in s._live().info().payload_schema
+        s.set_payload({ID["c"]: {"tags": ["cat"]}})
+        assert "tags" in s._live().info().payload_schema
+        assert names(s.search(Q_IMAGE, "image", 10, filter={"tags": "cat"})) == ["c"]
+
+
 # --- the two backends agree -------------------------------------------------------------------------
 
 

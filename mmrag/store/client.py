@@ -7,14 +7,17 @@ both, and Qdrant servers from 1.16 keep it). So the manifest cannot drift from t
 with snapshots and needs no reserved point (which would show up in counts, scrolls and searches)
 or sidecar collection (which a second writer could leave out of step). Servers too old to keep
 collection metadata are detected right after `create` and refused with a clear error.
+
+On a server, requests are sized and retried by `transport` (`RequestOptions`), and a new
+collection is laid out over the cluster by `ClusterOptions`; neither is recorded in the manifest.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
-from dataclasses import replace
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 import numpy as np
 from qdrant_client import QdrantClient, models
@@ -33,30 +36,66 @@ from .base import (
     record_vectors,
     check_k,
     check_manifest,
+    check_page_size,
+    check_payloads,
     check_using,
     filter_conditions,
     fused_prefetch_limit,
+    missing_ids_error,
     point_vectors,
     query_list,
 )
+from .transport import RequestOptions, call_with_retries, size_batches
 
 #: Key of the manifest inside the collection's metadata.
 MANIFEST_KEY = "mmrag_manifest"
+
+T = TypeVar("T")
 
 # `FusionQuery(fusion=RRF)` uses the engine's default k (2), which is what base.RRF_K records and
 # EdgeStore passes explicitly; qdrant-client's `RrfQuery(rrf=Rrf(k=...))` would need a newer server.
 
 
+@dataclass(frozen=True)
+class ClusterOptions:
+    """How a new collection is laid out on a Qdrant cluster; None leaves the server's default.
+
+    They go to `create_collection` when mmrag creates the collection; an existing collection keeps
+    its own layout. They are not recorded in the manifest: they describe the deployment, not the
+    vectors, so the same index may live on one node in a test and on six in production.
+    """
+
+    #: Shards the points are spread over (fixed at creation).
+    shard_number: int | None = None
+    #: Copies of each shard, on different nodes.
+    replication_factor: int | None = None
+    #: Copies that must confirm a write before it succeeds.
+    write_consistency_factor: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("shard_number", "replication_factor", "write_consistency_factor"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        rf, wcf = self.replication_factor, self.write_consistency_factor
+        if rf is not None and wcf is not None and wcf > rf:
+            raise ValueError(
+                f"write_consistency_factor ({wcf}) cannot exceed replication_factor ({rf}): "
+                "every write would wait for more copies than exist"
+            )
+
+
 class ClientStore(Store):
     """A `Store` over a qdrant-client collection.
 
-    `location` is `":memory:"` or an `http://` / `https://` URL; `api_key`, `prefer_grpc` and
-    `timeout` go to `QdrantClient` and apply to URLs only. An existing collection made by mmrag is
-    opened with its manifest; a missing one leaves `manifest` None until `create(manifest)`.
-    To reuse a client you already have, use `ClientStore.from_client(client, collection)`.
+    `location` is `":memory:"` or an `http://` / `https://` URL; `api_key`, `prefer_grpc`,
+    `grpc_port`, `timeout` and `cluster` apply to URLs only. `requests` sets the request-size
+    limit and the retries on transient errors. An existing collection made by mmrag is opened
+    with its manifest; a missing one leaves `manifest` None until `create(manifest)`. To reuse
+    a client you already have, use `ClientStore.from_client(client, collection)`.
     """
 
-    #: Points per upsert request.
+    #: Most points per upsert or delete request (upserts are also kept under `max_request_bytes`).
     batch_size: int = 256
 
     def __init__(
@@ -66,43 +105,81 @@ class ClientStore(Store):
         collection: str = "mmrag",
         api_key: str | None = None,
         prefer_grpc: bool = False,
+        grpc_port: int | None = None,
         timeout: int | None = None,
+        cluster: ClusterOptions | None = None,
+        requests: RequestOptions | None = None,
     ) -> None:
         if not isinstance(location, str):
             raise ValueError(f"location must be ':memory:' or an http(s):// URL, got {location!r}")
         if location == ":memory:":
-            if api_key is not None or prefer_grpc or timeout is not None:
-                raise ValueError("api_key, prefer_grpc and timeout apply to a server URL, not to ':memory:'")
+            server_only = {
+                "api_key": api_key is not None,
+                "prefer_grpc": bool(prefer_grpc),
+                "grpc_port": grpc_port is not None,
+                "timeout": timeout is not None,
+                "cluster": cluster is not None,
+            }
+            given = [name for name, is_set in server_only.items() if is_set]
+            if given:
+                verb = "applies" if len(given) == 1 else "apply"
+                raise ValueError(f"{', '.join(given)} {verb} to a server URL, not to ':memory:'")
             client = QdrantClient(location=":memory:")
         elif location.lower().startswith(("http://", "https://")):
-            client = QdrantClient(url=location, api_key=api_key, prefer_grpc=prefer_grpc, timeout=timeout)
+            ports = {} if grpc_port is None else {"grpc_port": _port(grpc_port)}
+            client = QdrantClient(url=location, api_key=api_key, prefer_grpc=prefer_grpc, timeout=timeout, **ports)
         else:
             raise ValueError(
                 f"location must be ':memory:' or an http(s):// URL, got {location!r}; "
                 "for a directory use EdgeStore (or open_store)"
             )
         self.location = location
-        self._init(client, collection, owns_client=True)
+        try:
+            self._init(client, collection, owns_client=True, cluster=cluster, requests=requests)
+        except BaseException:
+            client.close()
+            raise
 
     @classmethod
-    def from_client(cls, client: QdrantClient, collection: str = "mmrag") -> ClientStore:
+    def from_client(
+        cls,
+        client: QdrantClient,
+        collection: str = "mmrag",
+        *,
+        cluster: ClusterOptions | None = None,
+        requests: RequestOptions | None = None,
+    ) -> ClientStore:
         """Wrap a client you manage (it is not closed by `close()`)."""
         if not isinstance(client, QdrantClient):
             raise ValueError(f"client must be a QdrantClient, got {type(client).__name__}")
         self = cls.__new__(cls)
         self.location = "<client>"
-        self._init(client, collection, owns_client=False)
+        self._init(client, collection, owns_client=False, cluster=cluster, requests=requests)
         return self
 
-    def _init(self, client: QdrantClient, collection: str, *, owns_client: bool) -> None:
+    def _init(
+        self,
+        client: QdrantClient,
+        collection: str,
+        *,
+        owns_client: bool,
+        cluster: ClusterOptions | None,
+        requests: RequestOptions | None,
+    ) -> None:
         if not isinstance(collection, str) or not collection:
             raise ValueError(f"collection must be a non-empty string, got {collection!r}")
+        if cluster is not None and not isinstance(cluster, ClusterOptions):
+            raise ValueError(f"cluster must be a ClusterOptions, got {type(cluster).__name__}")
+        if requests is not None and not isinstance(requests, RequestOptions):
+            raise ValueError(f"requests must be a RequestOptions, got {type(requests).__name__}")
         self.client = client
         self.collection = collection
+        self.cluster = cluster or ClusterOptions()
+        self.requests = requests or RequestOptions()
         self._owns_client = owns_client
         self._closed = False
         self.manifest: IndexManifest | None = None
-        if client.collection_exists(collection):
+        if self._call("collection_exists", client.collection_exists, collection):
             self.manifest = self._read_manifest()
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -121,28 +198,37 @@ class ClientStore(Store):
                     f"collection {self.collection!r} already holds an index built with {self.manifest}; got {manifest}"
                 )
             return
+        # not retried: if a lost response hid a success, a second create would fail with 409
         self.client.create_collection(
             collection_name=self.collection,
             vectors_config={
                 name: models.VectorParams(size=manifest.dim, distance=models.Distance.COSINE) for name in VECTOR_NAMES
             },
+            shard_number=self.cluster.shard_number,
+            replication_factor=self.cluster.replication_factor,
+            write_consistency_factor=self.cluster.write_consistency_factor,
             metadata={MANIFEST_KEY: manifest.to_dict()},
         )
-        stored = (self.client.get_collection(self.collection).config.metadata or {}).get(MANIFEST_KEY)
+        config = self._call("get_collection", self.client.get_collection, self.collection).config
+        stored = (config.metadata or {}).get(MANIFEST_KEY)
         if stored is None:
             self.client.delete_collection(self.collection)
             raise RuntimeError(
                 f"the Qdrant server at {self.location} did not keep the collection metadata that holds "
                 "mmrag's manifest; upgrade the server (collection metadata needs Qdrant 1.16 or newer)"
             )
+        self._create_keyword_indexes(INDEXED_KEYWORD_FIELDS)
+        self.manifest = manifest
+
+    def _create_keyword_indexes(self, names: Iterable[str]) -> None:
         with warnings.catch_warnings():
             # local mode ignores payload indexes (it filters by scanning) and says so each time
             warnings.filterwarnings("ignore", message="Payload indexes have no effect in the local Qdrant")
-            for name in INDEXED_KEYWORD_FIELDS:
-                self.client.create_payload_index(
-                    self.collection, field_name=name, field_schema=models.PayloadSchemaType.KEYWORD, wait=True
+            for name in names:
+                self._call(
+                    "create_payload_index", self.client.create_payload_index,
+                    self.collection, field_name=name, field_schema=models.PayloadSchemaType.KEYWORD, wait=True,
                 )
-        self.manifest = manifest
 
     def close(self) -> None:
         """Close the client if this store made it. Safe to call twice."""
@@ -155,30 +241,52 @@ class ClientStore(Store):
     # --- writes -------------------------------------------------------------------------------
 
     def upsert(self, points: Sequence[Point]) -> None:
-        """Insert or overwrite points by id, in batches of `batch_size`.
+        """Insert or overwrite points by id, in requests of at most `batch_size` points and
+        `requests.max_request_bytes` (estimated), so a server never refuses one as too large.
 
-        Every point is checked before the first write, so a batch with one bad vector (NaN,
-        infinite, all zero, wrong width) raises ValueError and stores nothing.
+        Every point is checked before the first write: a bad vector (NaN, infinite, all zero,
+        wrong width) raises ValueError and a point too large for any request raises
+        RequestTooLargeError (a ValueError); either way nothing from the call is stored.
         """
         manifest = self._manifest()
         prepared = [
             models.PointStruct(id=canonical_id(p.id), vector=point_vectors(p, manifest), payload=dict(p.payload))
             for p in points
         ]
-        for start in range(0, len(prepared), self.batch_size):
-            self.client.upsert(self.collection, points=prepared[start : start + self.batch_size], wait=True)
+        for batch in size_batches(prepared, self.requests.max_request_bytes, self.batch_size):
+            self._call("upsert", self.client.upsert, self.collection, points=batch, wait=True)
 
     def delete(self, ids: Sequence[str]) -> int:
         """Delete points by id; returns how many of them existed."""
         self._manifest()
         found = sorted({canonical_id(i) for i in self.existing(ids)})
         for start in range(0, len(found), self.batch_size):
-            self.client.delete(
-                self.collection,
-                points_selector=models.PointIdsList(points=found[start : start + self.batch_size]),
-                wait=True,
+            self._call(
+                "delete", self.client.delete, self.collection,
+                points_selector=models.PointIdsList(points=found[start : start + self.batch_size]), wait=True,
             )
         return len(found)
+
+    def set_payload(self, payloads: Mapping[str, Mapping[str, Any]]) -> None:
+        """Merge keys into stored points' payloads, `batch_size` points a request; see `Store.set_payload`."""
+        self._manifest()
+        updates = check_payloads(payloads)
+        missing = set(updates) - self.existing(list(updates))
+        if missing:
+            raise missing_ids_error(missing)
+        written = {key for payload in updates.values() for key in payload} & set(INDEXED_KEYWORD_FIELDS)
+        if written:
+            indexed = self._call("get_collection", self.client.get_collection, self.collection).payload_schema
+            self._create_keyword_indexes(sorted(written - set(indexed or {})))
+        operations = [
+            models.SetPayloadOperation(set_payload=models.SetPayload(payload=payload, points=[point_id]))
+            for point_id, payload in updates.items()
+        ]
+        for start in range(0, len(operations), self.batch_size):
+            self._call(
+                "batch_update_points", self.client.batch_update_points, self.collection,
+                update_operations=operations[start : start + self.batch_size], wait=True,
+            )
 
     # --- reads --------------------------------------------------------------------------------
 
@@ -188,7 +296,8 @@ class ClientStore(Store):
         manifest = self._manifest()
         using = check_using(using)
         k = check_k(k)
-        response = self.client.query_points(
+        response = self._call(
+            "query_points", self.client.query_points,
             self.collection,
             query=query_list(vector, manifest),
             using=using,
@@ -205,7 +314,8 @@ class ClientStore(Store):
         query = query_list(vector, manifest)
         flt = _to_filter(filter)
         depth = fused_prefetch_limit(k)
-        response = self.client.query_points(
+        response = self._call(
+            "query_points", self.client.query_points,
             self.collection,
             prefetch=[models.Prefetch(query=query, using=name, filter=flt, limit=depth) for name in VECTOR_NAMES],
             query=models.FusionQuery(fusion=models.Fusion.RRF),
@@ -225,8 +335,9 @@ class ClientStore(Store):
         unique = sorted(set(wanted.values()))
         found: set[str] = set()
         for start in range(0, len(unique), 1000):
-            records = self.client.retrieve(
-                self.collection, ids=unique[start : start + 1000], with_payload=False, with_vectors=False
+            records = self._call(
+                "retrieve", self.client.retrieve,
+                self.collection, ids=unique[start : start + 1000], with_payload=False, with_vectors=False,
             )
             found.update(str(r.id) for r in records)
         return {i for i, c in wanted.items() if c in found}
@@ -238,8 +349,9 @@ class ClientStore(Store):
         unique = sorted({c for _, c in wanted})
         found: dict[str, Hit] = {}
         for start in range(0, len(unique), 1000):
-            records = self.client.retrieve(
-                self.collection, ids=unique[start : start + 1000], with_payload=True, with_vectors=with_vectors
+            records = self._call(
+                "retrieve", self.client.retrieve,
+                self.collection, ids=unique[start : start + 1000], with_payload=True, with_vectors=with_vectors,
             )
             for r in records:
                 found[str(r.id)] = Hit(str(r.id), 1.0, dict(r.payload or {}), record_vectors(r.vector))
@@ -247,9 +359,27 @@ class ClientStore(Store):
 
     def count(self) -> int:
         self._manifest()
-        return self.client.count(self.collection, exact=True).count
+        return self._call("count", self.client.count, self.collection, exact=True).count
+
+    def scroll(self, page_size: int = 256, with_vectors: bool = False) -> Iterator[list[Hit]]:
+        self._manifest()
+        page_size = check_page_size(page_size)
+        offset = None
+        while True:
+            records, offset = self._call(
+                "scroll", self.client.scroll, self.collection,
+                limit=page_size, offset=offset, with_payload=True, with_vectors=with_vectors,
+            )
+            if records:
+                yield [Hit(str(r.id), 1.0, dict(r.payload or {}), record_vectors(r.vector)) for r in records]
+            if offset is None:
+                return
 
     # --- internals ----------------------------------------------------------------------------
+
+    def _call(self, what: str, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`method(*args, **kwargs)`, retried on transient errors as `self.requests` says."""
+        return call_with_retries(lambda: method(*args, **kwargs), what, self.requests)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -262,7 +392,7 @@ class ClientStore(Store):
         return self.manifest
 
     def _read_manifest(self) -> IndexManifest:
-        config = self.client.get_collection(self.collection).config
+        config = self._call("get_collection", self.client.get_collection, self.collection).config
         data = (config.metadata or {}).get(MANIFEST_KEY)
         if not isinstance(data, dict):
             raise ValueError(
@@ -282,6 +412,12 @@ class ClientStore(Store):
 
     def __repr__(self) -> str:
         return f"ClientStore({self.location!r}, collection={self.collection!r}, manifest={self.manifest!r})"
+
+
+def _port(port: int) -> int:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ValueError(f"grpc_port must be a port number (1-65535), got {port!r}")
+    return port
 
 
 def _to_filter(filter: PayloadFilter | None) -> models.Filter | None:

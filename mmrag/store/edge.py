@@ -12,6 +12,13 @@ directory (say an ingest and a retriever) shares one engine, reference-counted, 
 one are seen by the others at once and the shard closes with the last handle. Every update goes
 through the shard's write-ahead log, so writes survive a crash even without `flush`; `close`
 flushes segments and the manifest.
+
+Search speed: Qdrant Edge runs no background optimizer, so points stay in a plain segment that
+every search scans in full until the shard is optimized. `flush()` (which `Index.add` calls at its
+end) runs the optimizer, which builds the HNSW graph and the quantized copy of the vectors once a
+segment passes the engine's indexing threshold (about 5,000 points of 512-d); smaller shards stay
+exact scans, which are fast at that size. `EdgeOptions` holds the graph, quantization and search
+settings; the defaults were chosen by `tests/bench/search.py` (docs/benchmarks.md, "Search").
 """
 
 from __future__ import annotations
@@ -21,14 +28,15 @@ import os
 import threading
 import uuid
 import weakref
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from qdrant_edge import (
+    BinaryQuantizationConfig,
     CountRequest,
     Distance,
     EdgeConfig,
@@ -37,12 +45,18 @@ from qdrant_edge import (
     FieldCondition,
     Filter,
     Fusion,
+    HnswIndexConfig,
     MatchAny,
     MatchValue,
     PayloadSchemaType,
     Prefetch,
+    QuantizationSearchParams,
     Query,
     QueryRequest,
+    ScalarQuantizationConfig,
+    ScalarType,
+    ScrollRequest,
+    SearchParams,
     UpdateOperation,
 )
 from qdrant_edge import Point as EdgePoint
@@ -62,9 +76,12 @@ from .base import (
     record_vectors,
     check_k,
     check_manifest,
+    check_page_size,
+    check_payloads,
     check_using,
     filter_conditions,
     fused_prefetch_limit,
+    missing_ids_error,
     point_vectors,
     query_list,
 )
@@ -81,6 +98,67 @@ LOCK_FILE = ".lock"
 
 class StoreLockedError(RuntimeError):
     """The index directory is open in another process (Qdrant Edge allows one at a time)."""
+
+
+Quantization = Literal["int8", "binary"]
+
+
+@dataclass(frozen=True)
+class EdgeOptions:
+    """How an Edge index builds its search structures, and how searches use them.
+
+    Build settings (`m`, `ef_construct`, `quantization`) are written into the shard when it is
+    created and kept by it: opening an existing index uses the shard's own, whatever is given
+    here. Search settings (`hnsw_ef`, `oversampling`, `rescore`) apply to every search through
+    the handle. `optimize_on_flush=False` leaves optimizing to explicit `optimize()` calls (each
+    search then scans the unindexed points in full). Defaults and the alternatives measured:
+    docs/benchmarks.md, "Search".
+    """
+
+    #: HNSW graph: edges per node (Qdrant's default 16).
+    m: int = 32
+    #: HNSW graph: candidates kept while inserting a node; build time grows with it (Qdrant's default 100).
+    ef_construct: int = 200
+    #: A compressed copy searched first ("int8": 4x smaller, "binary": 32x), or None (Qdrant's default).
+    quantization: Quantization | None = "int8"
+    #: Candidates kept while searching the graph (None: the engine's default, `ef_construct`).
+    hnsw_ef: int | None = 128
+    #: With quantization: how many more candidates than k the compressed search returns for rescoring.
+    oversampling: float | None = 2.0
+    #: With quantization: rescore those candidates with the original float32 vectors.
+    rescore: bool = True
+    #: Build the index (HNSW graph, quantized copy) in `flush()` once enough points are unindexed.
+    optimize_on_flush: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("m", "ef_construct", "hnsw_ef"):
+            value = getattr(self, name)
+            if value is None and name == "hnsw_ef":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.quantization not in (None, "int8", "binary"):
+            raise ValueError(f"quantization must be 'int8', 'binary' or None, got {self.quantization!r}")
+        if self.oversampling is not None and (
+            isinstance(self.oversampling, bool) or not isinstance(self.oversampling, (int, float))
+            or not self.oversampling >= 1
+        ):
+            raise ValueError(f"oversampling must be a number >= 1 or None, got {self.oversampling!r}")
+
+    def hnsw_config(self) -> HnswIndexConfig:
+        # full_scan_threshold (KB) is Qdrant's default: segments under it are scanned, not walked
+        return HnswIndexConfig(m=self.m, ef_construct=self.ef_construct, full_scan_threshold=10_000)
+
+    def quantization_config(self) -> ScalarQuantizationConfig | BinaryQuantizationConfig | None:
+        if self.quantization == "int8":
+            return ScalarQuantizationConfig(type=ScalarType.Int8)
+        if self.quantization == "binary":
+            return BinaryQuantizationConfig()
+        return None
+
+    def search_params(self) -> SearchParams:
+        quantization = QuantizationSearchParams(rescore=self.rescore, oversampling=self.oversampling)
+        return SearchParams(hnsw_ef=self.hnsw_ef, quantization=quantization)
 
 
 def _locked_message(path: Path) -> str:
@@ -127,7 +205,7 @@ class _Engine:
             raise
         self.manifest = manifest
 
-    def create(self, manifest: IndexManifest) -> None:
+    def create(self, manifest: IndexManifest, options: EdgeOptions) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         self.acquire_lock()
         try:
@@ -135,6 +213,8 @@ class _Engine:
                 vectors={
                     name: EdgeVectorParams(size=manifest.dim, distance=Distance.Cosine) for name in VECTOR_NAMES
                 },
+                hnsw_config=options.hnsw_config(),
+                quantization_config=options.quantization_config(),
                 wal_enabled=True,
             )
             shard = _create_shard(self.path / SHARD_DIR, config, self.path)
@@ -232,13 +312,19 @@ class EdgeStore(Store):
     `EdgeStore(path)` opens an existing index, or leaves `manifest` None for a missing or empty
     directory until `create(manifest)` is called. Use it as a context manager, or call `close()`:
     the directory stays locked to this process until its last handle here is closed (or garbage
-    collected). Handles on the same directory in one process share one engine.
+    collected). Handles on the same directory in one process share one engine. `options` sets
+    the HNSW graph and quantization of a shard this handle creates, and this handle's searches
+    (see `EdgeOptions`).
     """
 
     #: Points per upsert operation.
     batch_size: int = 256
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], options: EdgeOptions | None = None) -> None:
+        if options is not None and not isinstance(options, EdgeOptions):
+            raise ValueError(f"options must be an EdgeOptions, got {type(options).__name__}")
+        self.options = options or EdgeOptions()
+        self._search_params = self.options.search_params()
         self.path = Path(path).expanduser()
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"{self.path} is a file; an Edge index is a directory")
@@ -255,7 +341,8 @@ class EdgeStore(Store):
     # --- lifecycle ----------------------------------------------------------------------------
 
     def create(self, manifest: IndexManifest) -> None:
-        """Create the shard (`image` and `text`, cosine, width `manifest.dim`) and write the manifest.
+        """Create the shard (`image` and `text`, cosine, width `manifest.dim`, this handle's build
+        options) and write the manifest.
 
         On an index that already exists this is a no-op when `manifest` matches the stored one
         and raises `IndexMismatchError` when it does not.
@@ -269,18 +356,28 @@ class EdgeStore(Store):
                         f"{self.path} already holds an index built with {engine.manifest}; got {manifest}"
                     )
                 return
-            engine.create(manifest)
+            engine.create(manifest, self.options)
 
     def flush(self) -> None:
-        """Flush segments to disk and refresh the manifest's count (the WAL already holds every write)."""
+        """Flush segments to disk and refresh the manifest's count (the WAL already holds every write).
+
+        With `options.optimize_on_flush` (the default), first build the HNSW graph and quantized
+        vectors for points written since the last build, once there are enough of them for the
+        engine's indexing threshold; below it this costs nothing.
+        """
+        engine = self._engine
+        if engine is None:
+            return
+        if self.options.optimize_on_flush and engine.shard is not None:
+            engine.shard.optimize()  # outside the global lock: it can take minutes on a bulk load
         with _ENGINES_LOCK:
-            if self._engine is not None:
-                self._engine.flush()
+            engine.flush()
 
     def optimize(self) -> bool:
-        """Merge segments and build the HNSW indexes now (roughly halves query time after a bulk load)."""
+        """Merge segments and build the HNSW graph and quantized vectors now; True if anything changed."""
         changed = self._live().optimize()
-        self.flush()
+        with _ENGINES_LOCK:
+            self._open_engine().flush()
         return changed
 
     def close(self) -> None:
@@ -316,6 +413,19 @@ class EdgeStore(Store):
             shard.update(UpdateOperation.delete_points(found[start : start + self.batch_size]))
         return len(found)
 
+    def set_payload(self, payloads: Mapping[str, Mapping[str, Any]]) -> None:
+        """Merge keys into stored points' payloads (one engine operation a point); see `Store.set_payload`."""
+        shard = self._live()
+        updates = check_payloads(payloads)
+        missing = set(updates) - self.existing(list(updates))
+        if missing:
+            raise missing_ids_error(missing)
+        indexed = set(shard.info().payload_schema)
+        for name in sorted({key for payload in updates.values() for key in payload} & set(INDEXED_KEYWORD_FIELDS) - indexed):
+            shard.update(UpdateOperation.create_field_index(name, PayloadSchemaType.Keyword))
+        for point_id, payload in updates.items():
+            shard.update(UpdateOperation.set_payload([point_id], payload))
+
     # --- reads --------------------------------------------------------------------------------
 
     def search(
@@ -329,6 +439,7 @@ class EdgeStore(Store):
             limit=k,
             query=Query.Nearest(query, using=using),
             filter=_to_filter(filter),
+            params=self._search_params,
             with_payload=True,
             with_vector=False,
         )
@@ -344,7 +455,8 @@ class EdgeStore(Store):
             # every candidate, so ties are cut the same way on every backend (below)
             limit=2 * depth,
             prefetches=[
-                Prefetch(limit=depth, query=Query.Nearest(query, using=name), filter=flt) for name in VECTOR_NAMES
+                Prefetch(limit=depth, query=Query.Nearest(query, using=name), filter=flt, params=self._search_params)
+                for name in VECTOR_NAMES
             ],
             query=Fusion.Rrf(k=RRF_K),
             with_payload=True,
@@ -378,6 +490,17 @@ class EdgeStore(Store):
 
     def count(self) -> int:
         return self._live().count(CountRequest(exact=True))
+
+    def scroll(self, page_size: int = 256, with_vectors: bool = False) -> Iterator[list[Hit]]:
+        page_size = check_page_size(page_size)
+        offset = None
+        while True:
+            request = ScrollRequest(offset=offset, limit=page_size, with_payload=True, with_vector=with_vectors)
+            records, offset = self._live().scroll(request)
+            if records:
+                yield [Hit(str(r.id), 1.0, dict(r.payload or {}), record_vectors(r.vector)) for r in records]
+            if offset is None:
+                return
 
     # --- internals ----------------------------------------------------------------------------
 
