@@ -106,7 +106,7 @@ def evaluate_manifest(
         raise ValueError(f"{manifest} has no captioned images" + _in_split(split))
     templates = check_templates(templates) if zero_shot else None  # fail before the slow embedding
     used = list(dict.fromkeys(e.image for e in captioned + (labelled if zero_shot else [])))
-    vectors = _embed_images(encoder, used, batch_size, workers, progress)
+    vectors = embed_image_files(encoder, used, batch_size, workers, progress)
     row = {image: i for i, image in enumerate(used)}
 
     def rows(subset: list[ManifestEntry]) -> np.ndarray:
@@ -130,7 +130,7 @@ def evaluate_retrieval(
     entries = [e for e in read_manifest(manifest, split=split) if e.captions]
     if not entries:
         raise ValueError(f"{manifest} has no captioned images" + _in_split(split))
-    image_vectors = _embed_images(encoder, [e.image for e in entries], batch_size, workers, progress)
+    image_vectors = embed_image_files(encoder, [e.image for e in entries], batch_size, workers, progress)
     return retrieval_from_vectors(encoder, entries, image_vectors, str(manifest), split)
 
 
@@ -153,7 +153,7 @@ def evaluate_zero_shot(
     if not entries:
         raise ValueError(f"{manifest} has no entries with 'categories'" + _in_split(split))
     templates = check_templates(templates)
-    image_vectors = _embed_images(encoder, [e.image for e in entries], batch_size, workers, progress)
+    image_vectors = embed_image_files(encoder, [e.image for e in entries], batch_size, workers, progress)
     return zero_shot_from_vectors(encoder, entries, image_vectors, str(manifest), split, templates, labels)
 
 
@@ -198,7 +198,7 @@ def _in_split(split: str | None) -> str:
     return f" in split {split!r}" if split else ""
 
 
-def _embed_images(encoder: Encoder, paths: list[Path], batch_size: int, workers: int | None, progress: bool) -> np.ndarray:
+def embed_image_files(encoder: Encoder, paths: list[Path], batch_size: int, workers: int | None, progress: bool) -> np.ndarray:
     """Decode in worker processes, embed in batches; any unreadable image is an error here."""
     workers = default_workers() if workers is None else workers
     prepare = partial(prepare_item, config=encoder.preprocess)
@@ -207,7 +207,7 @@ def _embed_images(encoder: Encoder, paths: list[Path], batch_size: int, workers:
     with tqdm(total=len(paths), unit="img", desc="embedding images", disable=not progress) as bar:
         for prepared in bounded_map(prepare, items, workers, window=2 * batch_size):
             if prepared.error:
-                raise ValueError(f"cannot evaluate: {prepared.item.label}: {prepared.error}")
+                raise ValueError(f"cannot embed {prepared.item.label}: {prepared.error}")
             pixels.append(prepared.pixels)
             if len(pixels) == batch_size:
                 vectors.append(encoder.embed_pixels(np.stack(pixels)))

@@ -27,8 +27,10 @@ from PIL import Image
 
 from .media import IMAGE_SUFFIXES
 
+#: Payload keys written after ingest, by `mmrag.tagging`; ingest's change detection ignores them.
+DERIVED_KEYS = frozenset({"tags", "tag_scores"})
 #: Payload keys mmrag writes itself; user metadata may not use them.
-RESERVED_KEYS = frozenset({"uri", "captions", "content_hash", "modality", "text"})
+RESERVED_KEYS = frozenset({"uri", "captions", "content_hash", "modality", "text"}) | DERIVED_KEYS
 
 Source = Union[str, Path, Image.Image, np.ndarray, bytes, Sequence[Any]]
 
