@@ -9,9 +9,12 @@ import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
+
+if TYPE_CHECKING:
+    from .ray_ingest import RayConfig
 
 app = typer.Typer(help="Index photos and texts into a Qdrant store with a dual-encoder tower, then search them.",
                   no_args_is_help=True, add_completion=False)
@@ -39,11 +42,22 @@ def index(
     batch_size: int = typer.Option(32, help="Images per forward pass."),
     workers: Optional[int] = typer.Option(None, help="Decode worker processes (default: cores / 2)."),
     allow_truncated: bool = typer.Option(False, help="Index truncated image files (missing part grey) instead of skipping them."),
+    shards: Optional[int] = typer.Option(None, "--shards", min=1, help="Qdrant URL only: shards of a new collection."),
+    replicas: Optional[int] = typer.Option(None, "--replicas", min=1, help="Qdrant URL only: copies of each shard of a new collection."),
+    use_ray: bool = typer.Option(False, "--ray", help="Decode and encode on Ray actors; this process writes the store. Needs mmrag[ray]."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="With --ray: a running cluster (auto, or HEAD:6379); default: a new local instance."),
+    actors: int = typer.Option(1, "--actors", min=1, help="With --ray: encoder actors, each loading the model once."),
     as_json: bool = JsonOption,
 ) -> None:
     """Index a folder of photos (recursively), a captions.jsonl manifest, or one image."""
     from .index import Index
+    from .store import ClusterOptions
 
+    cluster = None
+    if shards is not None or replicas is not None:
+        if not index.lower().startswith(("http://", "https://")):
+            raise typer.BadParameter(f"--shards and --replicas need an http(s):// Qdrant URL, not {index!r}", param_hint="--index")
+        cluster = ClusterOptions(shard_number=shards, replication_factor=replicas)
     if path is None:
         from .samples import export_sample_photos
 
@@ -52,14 +66,39 @@ def index(
         typer.echo(f"no folder given: indexing scikit-image's sample photos, written to {path}", err=True)
     elif not path.exists():
         raise typer.BadParameter(f"{path} does not exist", param_hint="PATH")
-    with Index.open(index, encoder) as idx:
-        report = idx.add(path, batch_size=batch_size, workers=workers, progress=not as_json,
-                         allow_truncated=allow_truncated)
+    ray_config = _ray_config(use_ray, ray_address, actors, workers)
+    with Index.open(index, encoder, cluster=cluster) as idx:
+        if ray_config is not None:
+            from .ray_ingest import ingest_ray
+
+            report = ingest_ray(idx, path, ray_config, batch_size=batch_size, progress=not as_json,
+                                allow_truncated=allow_truncated)
+        else:
+            report = idx.add(path, batch_size=batch_size, workers=workers, progress=not as_json,
+                             allow_truncated=allow_truncated)
         total = idx.count()
     if as_json:
         _echo_json({**asdict(report), "count": total})
     else:
         typer.echo(f"{report}\nindex {index} now holds {total} items")
+
+
+def _ray_config(use_ray: bool, address: Optional[str], actors: int, workers: Optional[int]) -> Optional[RayConfig]:
+    """The Ray settings of `mmrag index --ray`, joined before any model loads (fails fast); None without --ray."""
+    if not use_ray:
+        if address is not None or actors != 1:
+            raise typer.BadParameter("--ray-address and --actors need --ray", param_hint="--ray")
+        return None
+    if workers is not None:
+        raise typer.BadParameter("--workers sets single-process decoding; with --ray the --actors decode", param_hint="--workers")
+    from .ray_ingest import RayConfig, connect
+
+    config = RayConfig(address=address, actors=actors)
+    try:
+        connect(config)
+    except ImportError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--ray") from None
+    return config
 
 
 @app.command()
@@ -153,6 +192,7 @@ def train(
     train_split: Optional[str] = typer.Option("train", help="Split of SOURCE to train on ('' for all of it)."),
     dev: Optional[Path] = typer.Option(None, exists=True, help="Held-out manifest or folder (default: SOURCE's --dev-split)."),
     dev_split: Optional[str] = typer.Option("dev", help="Split to evaluate each epoch on ('' for all of --dev)."),
+    keep: str = typer.Option("best", help="Epoch kept as the model: best (on dev) or last (dev trained on, or a fixed recipe)."),
     seed: int = typer.Option(0),
     cache: Path = typer.Option(Path(".cache/train-features"), help="Where locked-prefix features are cached."),
     resume: bool = typer.Option(True, help="Continue from OUT/checkpoint when there is one."),
@@ -174,14 +214,15 @@ def train(
         return found
 
     for value, allowed, hint in ((style, ("align", "openclip"), "--style"), (loss, ("clip", "align", "siglip"), "--loss"),
-                                 (augment, ("none", "flip", "crop"), "--augment"), (precision, ("no", "bf16", "fp16"), "--precision")):
+                                 (augment, ("none", "flip", "crop"), "--augment"), (precision, ("no", "bf16", "fp16"), "--precision"),
+                                 (keep, ("best", "last"), "--keep")):
         if value not in allowed:
             raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=hint)
     train_pairs = pairs(source, train_split, "SOURCE / --train-split")
     dev_pairs = pairs(dev or source, dev_split, "--dev / --dev-split")
     config = TrainConfig(loss=loss, label_smoothing=label_smoothing, image_unlocked=image_unlocked,  # type: ignore[arg-type]
                          text_unlocked=text_unlocked, augment=augment, epochs=epochs, batch_size=batch_size, lr=lr,  # type: ignore[arg-type]
-                         backbone_lr=backbone_lr, warmup_steps=warmup_steps, precision=precision, grad_accumulation=grad_accumulation, seed=seed)  # type: ignore[arg-type]
+                         backbone_lr=backbone_lr, warmup_steps=warmup_steps, precision=precision, grad_accumulation=grad_accumulation, keep=keep, seed=seed)  # type: ignore[arg-type]
     torch.manual_seed(seed)  # fresh heads / from-scratch weights start the same for the same seed
     towers = _towers(style, image_backbone, text_backbone, model, model_config)
     data = {"source": str(source), "train_split": train_split, "dev": str(dev or source), "dev_split": dev_split,
@@ -205,6 +246,123 @@ def _towers(style: str, image_backbone: str, text_backbone: str, model: str, mod
 
 
 @app.command()
+def tag(
+    index: str = IndexOption,
+    labels: Optional[str] = typer.Option(None, "--labels", help='Comma-separated labels, e.g. "dog,beach,car".'),
+    labels_file: Optional[Path] = typer.Option(None, "--labels-file", exists=True, dir_okay=False, help="Labels, one a line."),
+    templates: Optional[Path] = typer.Option(None, "--templates", exists=True, dir_okay=False,
+                                             help="Prompt templates, one a line with {} for the label."),
+    threshold: Optional[float] = typer.Option(None, help="Calibrated score a label needs to become a tag "
+                                              "(default 2: two standard deviations above the photo's background)."),
+    top: Optional[int] = typer.Option(None, min=0, help="Most tags per photo (default 5; 0: no cap)."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Zero-shot tag every photo of an index: `tags` and `tag_scores` in its payload (docs/tagging.md)."""
+    from .index import Index
+    from .store import open_store
+    from .tagging import DEFAULT_THRESHOLD, DEFAULT_TOP, parse_labels, read_labels
+    from .zeroshot import read_templates
+
+    if (labels is None) == (labels_file is None):
+        raise typer.BadParameter("give either --labels or --labels-file", param_hint="--labels")
+    try:
+        names = parse_labels(labels) if labels is not None else read_labels(labels_file)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--labels / --labels-file") from None
+    try:
+        prompts = read_templates(templates) if templates is not None else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--templates") from None
+    with open_store(index) as store:
+        if store.manifest is None:
+            raise typer.BadParameter(f"no mmrag index at {index}; build one with mmrag index", param_hint="--index")
+    with Index.open(index) as idx:
+        report = idx.tag(names, prompts, DEFAULT_THRESHOLD if threshold is None else threshold,
+                         DEFAULT_TOP if top is None else (top or None), progress=not as_json)
+    if as_json:
+        _echo_json(asdict(report))
+    else:
+        typer.echo(str(report))
+
+
+@app.command()
+def score(
+    manifest: Path = typer.Argument(..., exists=True, dir_okay=False, help="A captions.jsonl manifest."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write one score per (image, caption) pair: .jsonl or .csv."),
+    split: Optional[str] = typer.Option(None, help="Only this split of the manifest (e.g. dev)."),
+    encoder: Optional[str] = typer.Option(None, "--encoder", "-e", help="Encoder spec (default: the default tower)."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Keep pairs scoring at least this cosine (encoder-specific)."),
+    keep_top: Optional[str] = typer.Option(None, "--keep-top", help="Keep the best N pairs (4000) or the best share of pairs (80%)."),
+    filtered: Optional[Path] = typer.Option(None, "--filtered", help="Write the kept pairs as a manifest (image paths relative to it)."),
+    near_dup: float = typer.Option(0.95, "--near-dup", help="Image-embedding cosine from which two photos are near duplicates."),
+    batch_size: int = typer.Option(32, min=1),
+    as_json: bool = JsonOption,
+) -> None:
+    """Score each (image, caption) pair of a manifest, filter the pairs, and find duplicate photos (docs/curation.md)."""
+    from .curation import (
+        check_scores_path,
+        duplicate_groups,
+        filtered_entries,
+        near_duplicate_vectors,
+        parse_keep_top,
+        score_pairs,
+        select_pairs,
+        write_manifest,
+        write_scores,
+    )
+    from .encoders import load_encoder
+
+    try:
+        if out is not None:
+            check_scores_path(out)
+        keep_count, keep_fraction = parse_keep_top(keep_top) if keep_top is not None else (None, None)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--out / --keep-top") from None
+    filtering = min_score is not None or keep_top is not None
+    if filtered is not None and not filtering:
+        raise typer.BadParameter("--filtered needs --min-score or --keep-top", param_hint="--filtered")
+    if not -1 <= near_dup <= 1:
+        raise typer.BadParameter(f"a cosine, between -1 and 1; got {near_dup}", param_hint="--near-dup")
+    tower = load_encoder(encoder)
+    try:
+        scored = score_pairs(tower, manifest, split=split, batch_size=batch_size, progress=not as_json)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="MANIFEST") from None
+    result: dict = {"manifest": str(manifest), "split": split, "encoder": tower.spec,
+                    "images": len(scored.entries), "pairs": len(scored.pairs)}
+    if out is not None:
+        write_scores(scored.pairs, out)
+        result["scores"] = str(out)
+    if filtering:
+        kept = select_pairs(scored.pairs, min_score=min_score, keep_count=keep_count, keep_fraction=keep_fraction)
+        result.update(kept=len(kept), dropped=len(scored.pairs) - len(kept))
+        if filtered is not None:
+            entries = filtered_entries(scored.entries, kept)
+            write_manifest(entries, filtered)
+            result.update(filtered=str(filtered), filtered_images=len(entries))
+    paths = [e.image for e in scored.entries]
+    near = near_duplicate_vectors(tower, paths, batch_size=batch_size, progress=not as_json)
+    duplicates = duplicate_groups(paths, near, near_dup)
+    result.update(exact_duplicates=duplicates.exact, near_duplicates=duplicates.near, near_dup=near_dup)
+    if as_json:
+        _echo_json(result)
+        return
+    lines = [f"scored {result['pairs']} pairs of {result['images']} images with {tower.spec}"]
+    if out is not None:
+        lines.append(f"scores: {out}")
+    if filtering:
+        lines.append(f"dropped {result['dropped']} of {result['pairs']} pairs, kept {result['kept']}")
+    if filtered is not None:
+        lines.append(f"filtered manifest: {filtered} ({result['filtered_images']} images, "
+                     f"{result['images'] - result['filtered_images']} left without a caption dropped)")
+    lines.append(f"exact duplicates (same bytes): {len(duplicates.exact)} groups")
+    lines += ["  " + " = ".join(group) for group in duplicates.exact]
+    lines.append(f"near duplicates (cosine >= {near_dup}): {len(duplicates.near)} groups")
+    lines += ["  " + " ~ ".join(group) for group in duplicates.near]
+    typer.echo("\n".join(lines))
+
+
+@app.command()
 def info(index: str = IndexOption, as_json: bool = JsonOption) -> None:
     """What an index holds and which encoder built it."""
     from .store import open_store
@@ -217,6 +375,33 @@ def info(index: str = IndexOption, as_json: bool = JsonOption) -> None:
         _echo_json(data)
     else:
         typer.echo("\n".join(f"{key:>14}: {value}" for key, value in data.items()))
+
+
+@app.command()
+def serve(
+    index: str = IndexOption,
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; the default is reachable from this machine only."),
+    port: int = typer.Option(8000, min=1, max=65535),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MMRAG_API_KEY",
+                                          help="Key that writes (add, delete) need in an X-API-Key header; reads stay open."),
+) -> None:
+    """Serve an index: a JSON API and a search page for the browser (docs/serve.md; needs the serve extra)."""
+    try:
+        from .serve import ServeConfig, run
+    except ImportError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    from .index import Index
+    from .store import open_store
+
+    with open_store(index) as store:
+        if store.manifest is None:
+            raise typer.BadParameter(f"no mmrag index at {index}; build one with mmrag index", param_hint="--index")
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"warning: anyone who reaches {host}:{port} can add and delete items; set --api-key", err=True)
+    with Index.open(index) as idx:
+        typer.echo(f"serving {index} ({idx.count()} items): page http://{host}:{port}/ , API schema /openapi.json", err=True)
+        run(idx, host, port, ServeConfig(api_key=api_key))
 
 
 if __name__ == "__main__":

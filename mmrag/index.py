@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,17 @@ from .encoders import DEFAULT_SPEC, Encoder, load_encoder
 from .ingest import IngestReport, ingest
 from .media import IMAGE_SUFFIXES, load_image
 from .sources import Source, count_items, iter_items
-from .store import Hit, IndexManifest, IndexMismatchError, PayloadFilter, Store, open_store
+from .store import (
+    ClusterOptions,
+    Hit,
+    IndexManifest,
+    IndexMismatchError,
+    PayloadFilter,
+    RequestOptions,
+    Store,
+    open_store,
+)
+from .tagging import DEFAULT_THRESHOLD, DEFAULT_TOP, Tagger, TagReport, tag_store
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +93,9 @@ class Index:
         collection: str = "mmrag",
         api_key: str | None = None,
         prefer_grpc: bool = False,
+        grpc_port: int | None = None,
+        cluster: ClusterOptions | None = None,
+        requests: RequestOptions | None = None,
     ) -> "Index":
         """Open or create an index.
 
@@ -89,8 +103,15 @@ class Index:
         URL, or `":memory:"`. `encoder` is a spec, an Encoder, or None: the encoder the index
         records, or the default tower for a new index. A different encoder than the recorded
         one raises IndexMismatchError rather than mixing vectors from two models.
+
+        For a URL: `collection`, `api_key`, `prefer_grpc` and `grpc_port` say where and how to
+        connect, `cluster` how to lay out a new collection (shards, replicas, write consistency)
+        and `requests` how big requests may be and how often to retry (see docs/server.md).
         """
-        store = open_store(location, collection=collection, api_key=api_key, prefer_grpc=prefer_grpc)
+        store = open_store(
+            location, collection=collection, api_key=api_key, prefer_grpc=prefer_grpc, grpc_port=grpc_port,
+            cluster=cluster, requests=requests,
+        )
         try:
             if isinstance(encoder, str) or encoder is None:
                 recorded = store.manifest.encoder_spec if store.manifest else None
@@ -131,6 +152,23 @@ class Index:
         """Delete items by id; returns how many existed."""
         return self.store.delete(list(ids))
 
+    def tag(
+        self,
+        labels: Sequence[str],
+        templates: Sequence[str] | None = None,
+        threshold: float = DEFAULT_THRESHOLD,
+        top: int | None = DEFAULT_TOP,
+        *,
+        progress: bool = True,
+    ) -> TagReport:
+        """Zero-shot tag every photo: its payload gets `tags` (labels scoring >= `threshold`, best
+        first, at most `top`) and `tag_scores` (every label's calibrated score), so that
+        `search(..., filter={"tags": "dog"})` works. Scores are calibrated per photo, so one
+        threshold holds for any encoder (mmrag.tagging, docs/tagging.md).
+        """
+        tagger = Tagger.build(self.encoder, labels, templates, threshold, top)
+        return tag_store(self.store, tagger, progress=progress)
+
     # -- reading ---------------------------------------------------------------------------------
     def search(
         self, query: Query, k: int = 10, target: Target = "image", filter: PayloadFilter | None = None
@@ -141,11 +179,29 @@ class Index:
         bytes, a PIL image or an array. `target`: compare with items' `image` vectors, their
         `text` vectors (captions and text items), or `both`, fused by reciprocal rank.
         """
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
-        if target not in ("image", "text", "both"):
-            raise ValueError(f"target must be 'image', 'text' or 'both', got {target!r}")
-        vector = self.embed_query(query)
+        _check_search(k, target)
+        return self._search_vector(self.embed_query(query), k, target, filter)
+
+    def similar(
+        self, item_id: str, k: int = 10, target: Target = "image", filter: PayloadFilter | None = None
+    ) -> list[SearchHit]:
+        """More like this: the k items nearest a stored item, the item itself left out.
+
+        The query is the item's stored vector (its image vector, or its text vector for a text
+        item), so nothing is decoded or encoded again. KeyError for an id the index lacks.
+        """
+        _check_search(k, target)
+        stored = self.store.retrieve([item_id], with_vectors=True)
+        if not stored:
+            raise KeyError(item_id)
+        vectors = stored[0].vectors
+        own = str(uuid.UUID(item_id))
+        hits = self._search_vector(vectors["image"] if "image" in vectors else vectors["text"], k + 1, target, filter)
+        return [hit for hit in hits if hit.id != own][:k]
+
+    def _search_vector(
+        self, vector: np.ndarray, k: int, target: Target, filter: PayloadFilter | None
+    ) -> list[SearchHit]:
         if target == "both":
             hits = self.store.search_fused(vector, k, filter)
         else:
@@ -207,6 +263,14 @@ def _check_match(manifest: IndexManifest, encoder: Encoder, location: str) -> No
             f"index {location} holds {manifest.dim}-d vectors from {manifest.encoder_spec!r}; "
             f"the encoder given is {encoder.spec!r} ({encoder.dim}-d). Use the recorded encoder or a new index."
         )
+
+
+def _check_search(k: int, target: str) -> None:
+    """Refuse a bad `k` or `target` before any work is done."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    if target not in ("image", "text", "both"):
+        raise ValueError(f"target must be 'image', 'text' or 'both', got {target!r}")
 
 
 def _is_image_path(text: str) -> bool:

@@ -73,6 +73,16 @@ def test_bad_arguments_are_clear_errors(tmp_path):
     assert no_index.exit_code != 0 and "no mmrag index" in no_index.output
 
 
+def test_cluster_flags_need_a_server_url(tmp_path, photo_folder):
+    on_folder = runner.invoke(app, ["index", str(photo_folder), "--index", str(tmp_path / "i"), "--shards", "2"])
+    assert on_folder.exit_code != 0 and "--shards and --replicas need an http(s):// Qdrant URL" in on_folder.output
+    on_memory = runner.invoke(app, ["index", str(photo_folder), "--index", ":memory:", "--replicas", "2"])
+    assert on_memory.exit_code != 0 and "need an http(s):// Qdrant URL, not ':memory:'" in on_memory.output
+    zero = runner.invoke(app, ["index", str(photo_folder), "--index", "http://localhost:6333", "--shards", "0"])
+    assert zero.exit_code != 0 and "--shards" in zero.output
+    assert not (tmp_path / "i").exists()
+
+
 def test_eval_prints_recall(tmp_path, coco_mini):
     lines = (coco_mini / "captions.jsonl").read_text().splitlines()[:12]
     manifest = tmp_path / "captions.jsonl"

@@ -70,6 +70,17 @@ def test_captions_give_both_vectors_and_fused_search(index, sample_photos):
     assert image_only.captions == []
 
 
+def test_similar_searches_by_a_stored_item_and_leaves_it_out(index, sample_photos):
+    index.add(sample_photos, progress=False)
+    cat = index.search(sample_photos[1], k=1)[0]
+    like_cat = index.similar(cat.id, k=3)
+    by_pixels = [h.id for h in index.search(sample_photos[1], k=4)][1:]
+    assert [h.id for h in like_cat] == by_pixels  # the stored vector is the query, the item itself left out
+    assert len(index.similar(cat.id.upper(), k=20, target="both")) == len(sample_photos) - 1
+    with pytest.raises(KeyError):
+        index.similar("00000000-0000-0000-0000-000000000000")
+
+
 def test_delete_by_id(index, photo_folder):
     index.add(photo_folder, progress=False)
     doomed = index.search("a cat", k=2)

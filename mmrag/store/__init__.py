@@ -3,6 +3,9 @@
     open_store("./my-index")                       # EdgeStore: embedded, one process per directory
     open_store("http://localhost:6333", collection="photos", api_key=...)   # ClientStore
     open_store(":memory:")                         # ClientStore on qdrant-client's local mode
+
+A server or cluster also takes `prefer_grpc`/`grpc_port`, `cluster=ClusterOptions(...)` (shards
+and replicas of a new collection) and `requests=RequestOptions(...)` (request size, retries).
 """
 
 from __future__ import annotations
@@ -20,18 +23,23 @@ from .base import (
     Store,
     VectorName,
 )
-from .client import ClientStore
-from .edge import EdgeStore, StoreLockedError
+from .client import ClientStore, ClusterOptions
+from .edge import EdgeOptions, EdgeStore, StoreLockedError
+from .transport import RequestOptions, RequestTooLargeError
 
 __all__ = [
     "VECTOR_NAMES",
     "ClientStore",
+    "ClusterOptions",
+    "EdgeOptions",
     "EdgeStore",
     "Hit",
     "IndexManifest",
     "IndexMismatchError",
     "PayloadFilter",
     "Point",
+    "RequestOptions",
+    "RequestTooLargeError",
     "Store",
     "StoreLockedError",
     "VectorName",
@@ -55,26 +63,35 @@ def open_store(
     collection: str = DEFAULT_COLLECTION,
     api_key: str | None = None,
     prefer_grpc: bool = False,
+    grpc_port: int | None = None,
+    cluster: ClusterOptions | None = None,
+    requests: RequestOptions | None = None,
 ) -> Store:
     """Open the store at `location`.
 
-    `":memory:"` or an `http://` / `https://` URL gives a `ClientStore` on `collection`;
-    anything else is a directory and gives an `EdgeStore`, for which `collection`, `api_key`
-    and `prefer_grpc` mean nothing and are refused. The store's `manifest` is None until
-    `create(manifest)` when nothing is there yet.
+    `":memory:"` or an `http://` / `https://` URL gives a `ClientStore` on `collection` (see it
+    for the other arguments); anything else is a directory and gives an `EdgeStore`, for which
+    they mean nothing and are refused. The store's `manifest` is None until `create(manifest)`
+    when nothing is there yet.
     """
     if not isinstance(location, (str, os.PathLike)):
         raise ValueError(f"location must be a directory path, ':memory:' or an http(s):// URL, got {location!r}")
     if isinstance(location, str) and not location:
         raise ValueError("location must not be empty")
     if is_client_location(location):
-        return ClientStore(str(location), collection=collection, api_key=api_key, prefer_grpc=prefer_grpc)
+        return ClientStore(
+            str(location), collection=collection, api_key=api_key, prefer_grpc=prefer_grpc, grpc_port=grpc_port,
+            cluster=cluster, requests=requests,
+        )
     given = [
         name
         for name, is_set in (
             ("collection", collection != DEFAULT_COLLECTION),
             ("api_key", api_key is not None),
             ("prefer_grpc", bool(prefer_grpc)),
+            ("grpc_port", grpc_port is not None),
+            ("cluster", cluster is not None),
+            ("requests", requests is not None),
         )
         if is_set
     ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -114,6 +114,23 @@ class Store(ABC):
     def count(self) -> int:
         """Exact number of points."""
 
+    @abstractmethod
+    def scroll(self, page_size: int = 256, with_vectors: bool = False) -> Iterator[list[Hit]]:
+        """Every stored point (score 1.0), a page of at most `page_size` at a time, in id order.
+
+        Pages are fetched as they are consumed, so memory stays bounded by one page; writing
+        payload (`set_payload`) while scrolling is safe, adding or deleting points may be missed.
+        """
+
+    @abstractmethod
+    def set_payload(self, payloads: Mapping[str, Mapping[str, Any]]) -> None:
+        """Merge `{id: {key: value}}` into stored points' payloads; vectors and other keys stay as they are.
+
+        A key given replaces that key's whole value. Ids the store lacks raise KeyError naming
+        them, before anything is written. A key in INDEXED_KEYWORD_FIELDS gets its keyword index
+        here if the collection predates it.
+        """
+
     def flush(self) -> None:
         """Make writes durable (a no-op where the backend is already durable)."""
 
@@ -136,7 +153,8 @@ RRF_K = 2
 
 #: Payload fields both backends put a keyword index on. Filtering on any other key works too
 #: (unindexed fields are matched by scanning), these just make the common filters cheap.
-INDEXED_KEYWORD_FIELDS: tuple[str, ...] = ("modality", "uri")
+#: `tags` is written by `mmrag.tagging` after ingest (see `set_payload`).
+INDEXED_KEYWORD_FIELDS: tuple[str, ...] = ("modality", "uri", "tags")
 
 FilterValue = str | int | bool
 
@@ -154,6 +172,32 @@ def check_manifest(manifest: IndexManifest) -> None:
         raise ValueError(f"manifest.dim must be a positive integer, got {manifest.dim!r}")
     if manifest.distance != "cosine":
         raise ValueError(f"only cosine distance is supported, got {manifest.distance!r}")
+
+
+def check_page_size(page_size: int) -> int:
+    """`page_size` as a positive int, or ValueError."""
+    if isinstance(page_size, bool) or not isinstance(page_size, (int, np.integer)) or page_size < 1:
+        raise ValueError(f"page_size must be a positive integer, got {page_size!r}")
+    return int(page_size)
+
+
+def check_payloads(payloads: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """`{id: payload}` with canonical ids and non-empty mappings of string keys, or ValueError."""
+    if not isinstance(payloads, Mapping):
+        raise ValueError(f"payloads must be a mapping of id -> payload, got {type(payloads).__name__}")
+    out: dict[str, dict[str, Any]] = {}
+    for point_id, payload in payloads.items():
+        if not isinstance(payload, Mapping) or not payload or not all(isinstance(k, str) and k for k in payload):
+            raise ValueError(f"payload for {point_id} must be a non-empty mapping with string keys, got {payload!r}")
+        out[canonical_id(point_id)] = dict(payload)
+    return out
+
+
+def missing_ids_error(missing: set[str]) -> KeyError:
+    """The KeyError `set_payload` raises for ids the store lacks (a few named, then a count)."""
+    shown = sorted(missing)[:5]
+    more = f" and {len(missing) - len(shown)} more" if len(missing) > len(shown) else ""
+    return KeyError(f"no stored point with id {', '.join(shown)}{more}; nothing was written")
 
 
 def check_k(k: int) -> int:
