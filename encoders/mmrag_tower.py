@@ -31,8 +31,11 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 ARCH = "lite0-minilm"
-#: shipped weight tags -> file names under WEIGHTS_DIR
+#: shipped weight tags -> file names under WEIGHTS_DIR. Older tags stay: an index records the
+#: spec it was built with, and must keep opening after the default moves on.
 SHIPPED = {"flickr8k-v1": "lite0-minilm-flickr8k-v1.safetensors"}
+#: the tag a spec without weights (`mmrag:<arch>`) loads
+DEFAULT_WEIGHTS = "flickr8k-v1"
 #: MiniLM was trained on 256-token inputs (sentence-transformers' max_seq_length).
 CONTEXT_LENGTH = 256
 
@@ -134,9 +137,7 @@ class MmragTower(Encoder):
 def load_mmrag(spec: str) -> MmragTower:
     """`mmrag:<arch>@<tag or file>` -> MmragTower; the shipped heads when no weights are given."""
     parsed = parse_spec(spec)
-    weights = parsed.weights or "flickr8k-v1"
-    if weights in SHIPPED and parsed.name != ARCH:
-        raise ValueError(f"unknown mmrag architecture {parsed.name!r} in {spec!r}; the shipped heads are {ARCH!r}")
+    weights = parsed.weights or DEFAULT_WEIGHTS
     tower = MmragTower(resolve_heads_path(weights), spec=f"mmrag:{parsed.name}@{weights}")
     if tower.arch != parsed.name:
         raise ValueError(f"{spec!r} names architecture {parsed.name!r}, but its file holds {tower.arch!r}")

@@ -76,6 +76,9 @@ class TrainConfig:
     grad_accumulation: int = 1
     #: stop when mean dev recall has not improved for this many epochs (0 = never)
     patience: int = 4
+    #: which epoch becomes the model: "best" mean dev recall, or "last" (for a fixed recipe, or
+    #: when the dev split is also trained on and so cannot choose; patience is then ignored)
+    keep: Literal["best", "last"] = "best"
     seed: int = 0
     extract_batch_size: int = 64
     #: torch intra-op threads; None leaves torch's default
@@ -405,7 +408,7 @@ def train_towers(
         log.info("epoch %d loss %.3f dev mean R %.4f t2i R@1 %.3f i2t R@1 %.3f (%.0fs)", epoch, row["loss"], score,
                  recall["t2i_r1"], recall["i2t_r1"], row["seconds"])
         if accelerator.is_main_process:
-            if score > state["best_score"]:
+            if score > state["best_score"] or config.keep == "last":
                 metadata = {"train_config": _jsonable(config), "dev_recall": recall, "best_epoch": epoch,
                             "data": data or {"train_images": n_images, "dev_images": len(dev_pairs)}}
                 state["spec"] = unwrapped.towers.save(_model_path(out_dir, unwrapped.towers), metadata)
@@ -416,7 +419,7 @@ def train_towers(
             _write_json(out_dir / "history.json", state["history"])
             plot_curves(state["history"], out_dir / "curves.png", title=f"{type(towers).__name__}, loss={config.loss}")
         accelerator.wait_for_everyone()
-        if config.patience and epoch - state["best_epoch"] >= config.patience:
+        if config.keep == "best" and config.patience and epoch - state["best_epoch"] >= config.patience:
             log.info("no dev improvement for %d epochs; stopping", config.patience)
             break
 

@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--backbone-lr", type=float, default=1e-4)
+    parser.add_argument("--keep", default="best", choices=["best", "last"],
+                        help="epoch kept: best on dev, or last (for a fixed recipe, or when dev is trained on)")
     parser.add_argument("--train-splits", default="train", help="comma-separated splits to train on")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -44,7 +46,7 @@ def main() -> None:
     dev = [(e.image, e.captions) for e in read_manifest(manifest, split="dev")]
     config = TrainConfig(loss=args.loss, image_unlocked=args.image_unlocked, text_unlocked=args.text_unlocked,
                          augment=args.augment, epochs=args.epochs, lr=args.lr, backbone_lr=args.backbone_lr,
-                         seed=args.seed, num_threads=2)
+                         keep=args.keep, seed=args.seed, num_threads=2)
     import torch
 
     torch.manual_seed(args.seed)
