@@ -8,7 +8,7 @@ This package imports nothing from the rest of mmrag: the core builds on it, neve
     (1, 512)
 """
 
-from .base import Encoder, ModelNotFoundError
+from .base import Encoder, ModelNotFoundError, Precision, Runtime
 from .preprocess import PreprocessConfig, prepare_pixels, to_rgb
 from .registry import DEFAULT_SPEC, Spec, list_families, load_encoder, parse_spec, register_family
 
@@ -16,7 +16,9 @@ __all__ = [
     "DEFAULT_SPEC",
     "Encoder",
     "ModelNotFoundError",
+    "Precision",
     "PreprocessConfig",
+    "Runtime",
     "Spec",
     "list_families",
     "load_encoder",

@@ -111,10 +111,14 @@ class MmragTower(Encoder):
         self.tokenizer, text_net, image_net = _shared_backbones(image_name, text_name)
         self.image_net = _with_trained(image_net, load_prefixed_tensors(path, "image_tower."), str(path))
         self.text_net = _with_trained(text_net, load_prefixed_tensors(path, "text_tower."), str(path))
+        # NHWC is 1.4x faster for EfficientNet's depthwise convs on CPU, same arithmetic
+        # (tests/bench/forward_options.py); a shared backbone may change format in place.
+        self.image_net.to(memory_format=torch.channels_last)
         log.debug("loaded %s (dim=%d) from %s", self.spec, self.dim, path)
 
     def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised pixels -> the last feature map's cells as tokens (n, cells, C): what the head sees."""
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
         return self.image_net.forward_features(pixels).flatten(2).transpose(1, 2)
 
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:

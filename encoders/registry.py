@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .base import Encoder
+from .base import Encoder, Precision, Runtime, check_precision, check_runtime
 
 DEFAULT_SPEC = "mmrag:lite0-minilm@flickr8k-v1"
 
@@ -68,14 +68,19 @@ def list_families() -> list[str]:
     return sorted(_FAMILIES)
 
 
-def load_encoder(spec: str | None = None, device: str = "cpu") -> Encoder:
-    """Turn a spec back into a ready encoder (eval mode, on `device`); None means the default tower."""
+def load_encoder(
+    spec: str | None = None, device: str = "cpu", precision: Precision = "fp32", runtime: Runtime = "torch"
+) -> Encoder:
+    """Turn a spec back into a ready encoder (eval mode, on `device`, in `precision`, its image side
+    in `runtime`); None means the default tower."""
+    check_precision(precision)
+    check_runtime(runtime)
     spec = spec or DEFAULT_SPEC
     family = parse_spec(spec).family
     _import_builtin_families()
     if family not in _FAMILIES:
         raise ValueError(f"unknown encoder family {family!r} in spec {spec!r}; known: {sorted(_FAMILIES)}")
-    return _FAMILIES[family](spec).eval().to(device)
+    return _FAMILIES[family](spec).eval().to(device).with_precision(precision).with_runtime(runtime)
 
 
 def _import_builtin_families() -> None:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from .encoders import DEFAULT_SPEC, Encoder, load_encoder
+from .encoders import DEFAULT_SPEC, Encoder, Precision, Runtime, load_encoder
 from .ingest import IngestReport, ingest
 from .media import IMAGE_SUFFIXES, load_image
 from .sources import Source, count_items, iter_items
@@ -96,6 +96,8 @@ class Index:
         grpc_port: int | None = None,
         cluster: ClusterOptions | None = None,
         requests: RequestOptions | None = None,
+        precision: Precision = "fp32",
+        runtime: Runtime = "torch",
     ) -> "Index":
         """Open or create an index.
 
@@ -107,6 +109,10 @@ class Index:
         For a URL: `collection`, `api_key`, `prefer_grpc` and `grpc_port` say where and how to
         connect, `cluster` how to lay out a new collection (shards, replicas, write consistency)
         and `requests` how big requests may be and how often to retry (see docs/server.md).
+        `precision="bf16"` runs an encoder loaded from a spec in bfloat16 autocast (faster on
+        CPUs with AVX512-BF16, embeddings within ~0.005 cosine of fp32); `runtime="onnx"` runs its
+        image side in ONNX Runtime (same embeddings, several times faster on a CPU; the `onnx`
+        extra). Figures in docs/benchmarks.md.
         """
         store = open_store(
             location, collection=collection, api_key=api_key, prefer_grpc=prefer_grpc, grpc_port=grpc_port,
@@ -120,7 +126,10 @@ class Index:
                         f"index {location} was built with encoder {recorded!r}, not {encoder!r}; "
                         "open it without an encoder to use the recorded one, or index into a new location"
                     )
-                encoder = load_encoder(encoder or recorded or DEFAULT_SPEC)
+                encoder = load_encoder(encoder or recorded or DEFAULT_SPEC, precision=precision, runtime=runtime)
+            elif precision != "fp32" or runtime != "torch":
+                raise ValueError("precision and runtime apply to an encoder loaded from a spec; "
+                                 "call encoder.with_precision() / with_runtime() instead")
             return cls(store, encoder, str(location))
         except BaseException:
             store.close()

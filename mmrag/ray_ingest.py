@@ -86,8 +86,8 @@ class EncoderActor:
     floats, lists to arrays), and change detection compares payloads exactly.
     """
 
-    def __init__(self, spec: str, allow_truncated: bool) -> None:
-        self.encoder = load_encoder(spec)
+    def __init__(self, spec: str, allow_truncated: bool, precision: str = "fp32", runtime: str = "torch") -> None:
+        self.encoder = load_encoder(spec, precision=precision, runtime=runtime)  # type: ignore[arg-type]
         self.allow_truncated = allow_truncated
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -142,7 +142,8 @@ def ingest_ray(
             for item, id_ in zip(items, ids)]
     dataset = ray.data.from_items(rows).map_batches(
         EncoderActor,
-        fn_constructor_kwargs={"spec": index.encoder.spec, "allow_truncated": allow_truncated},
+        fn_constructor_kwargs={"spec": index.encoder.spec, "allow_truncated": allow_truncated,
+                               "precision": index.encoder.precision, "runtime": index.encoder.runtime},
         compute=ray.data.ActorPoolStrategy(size=config.actors),
         num_cpus=config.cpus_per_actor,
         batch_size=batch_size,

@@ -35,6 +35,8 @@ def test_index_search_info(indexed):
     assert by_image[0]["uri"] == str(rocket)
     info = json.loads(run("info", "--index", location, "--json"))
     assert info["count"] == 6 and info["encoder_spec"].startswith("mmrag:")
+    fast = json.loads(run("search", "a cat", "--index", location, "-k", "1", "--precision", "bf16", "--json"))
+    assert fast[0]["uri"] == hits[0]["uri"] and fast[0]["score"] == pytest.approx(hits[0]["score"], abs=0.02)
     text = run("search", "a cat", "--index", location, "-k", "2")  # the plain, human-readable form
     assert text.splitlines()[0].startswith("  1. ") and "cat_chelsea.jpg" in text.splitlines()[0]
 
@@ -69,6 +71,8 @@ def test_bad_arguments_are_clear_errors(tmp_path):
     assert bad_target.exit_code != 0 and "not one of image, text, both" in bad_target.output
     neither = runner.invoke(app, ["search", "--index", str(tmp_path / "i")])
     assert neither.exit_code != 0 and "either a text QUERY or --image" in neither.output
+    half = runner.invoke(app, ["search", "x", "--index", str(tmp_path / "i"), "--precision", "fp16"])
+    assert half.exit_code != 0 and "precision must be one of" in half.output
     no_index = runner.invoke(app, ["info", "--index", str(tmp_path / "absent")])
     assert no_index.exit_code != 0 and "no mmrag index" in no_index.output
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from mmrag.encoders import DEFAULT_SPEC, ModelNotFoundError, load_encoder
+from mmrag.encoders import DEFAULT_SPEC, ModelNotFoundError, load_encoder, prepare_pixels
 from mmrag.encoders.heads import load_heads
 from mmrag.encoders.metrics import retrieval_recall
 from mmrag.encoders.mmrag_tower import WEIGHTS_DIR, MmragTower, load_mmrag
+from mmrag.encoders.preprocess import pixels_to_tensor
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FLICKR = SHARED / "data" / "flickr8k"
@@ -90,6 +93,35 @@ def test_text_semantics(tower: MmragTower, photos: dict[str, Image.Image]) -> No
     assert cat @ cat_text > rocket @ cat_text
     dog, dog2, money = tower.embed_texts(["a dog runs on the beach", "a puppy playing in the sand", "quarterly revenue grew"])
     assert dog @ dog2 > dog @ money
+
+
+def test_channels_last_gives_the_contiguous_features(tower: MmragTower, photos: dict[str, Image.Image]) -> None:
+    """NHWC is a memory order only: the same features as the NCHW forward pass."""
+    pixels = np.stack([prepare_pixels(im, tower.preprocess) for im in photos.values()])
+    x = pixels_to_tensor(pixels, tower.preprocess)
+    nchw = copy.deepcopy(tower.image_net).to(memory_format=torch.contiguous_format)
+    with torch.inference_mode():
+        expected = tower.image_head(nchw.forward_features(x.contiguous()).flatten(2).transpose(1, 2))
+        got = tower._image_features(x)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_precision_stays_close_to_fp32(tower: MmragTower, photos: dict[str, Image.Image]) -> None:
+    fast = load_encoder(DEFAULT_SPEC, precision="bf16")
+    assert fast.precision == "bf16" and fast.spec == tower.spec and tower.precision == "fp32"
+    texts = ["a cat lying down and looking at the camera", "a rocket on a launch pad", "a woman in a space suit"]
+    images_fp32, images_bf16 = tower.embed_images(list(photos.values())), fast.embed_images(list(photos.values()))
+    texts_fp32, texts_bf16 = tower.embed_texts(texts), fast.embed_texts(texts)
+    assert images_bf16.dtype == np.float32
+    assert np.min(np.sum(images_fp32 * images_bf16, axis=1)) > 0.98
+    assert np.min(np.sum(texts_fp32 * texts_bf16, axis=1)) > 0.98
+    assert not np.array_equal(images_fp32, images_bf16)  # bf16 really ran
+    np.testing.assert_array_equal(np.argmax(texts_bf16 @ images_bf16.T, axis=1), np.argmax(texts_fp32 @ images_fp32.T, axis=1))
+
+
+def test_unknown_precision_is_refused() -> None:
+    with pytest.raises(ValueError, match="precision must be one of"):
+        load_encoder(DEFAULT_SPEC, precision="fp16")  # type: ignore[arg-type]
 
 
 def test_spec_round_trip(tower: MmragTower) -> None:

@@ -1,6 +1,6 @@
 """Ingest throughput against the bare forward pass of the same tower; prints one JSON line.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python tests/bench/ingest.py [--images 320] [--batch-size 32] [--threads 2]
+    HF_HUB_OFFLINE=1 .venv/bin/python tests/bench/ingest.py [--images 320] [--batch-size 32] [--threads 2] [--precision bf16] [--runtime onnx]
 
 "pipeline" is `Index.add` on a list of real JPEG files (read, decode, resize in worker
 processes; encode; upsert into an embedded Qdrant Edge store). "bare" is `encoder.embed_pixels`
@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from machine import machine
+from mmrag.encoders import prepare_pixels
 
 from mmrag import Index, load_encoder
-from mmrag.encoders import prepare_pixels
 from mmrag.media import load_image
 from mmrag.sources import read_manifest
 
@@ -71,15 +69,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--workers", type=int, default=None, help="decode workers (default: cores / 2)")
     parser.add_argument("--encoder", default=None)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="both passes, bare and pipeline")
+    parser.add_argument("--runtime", default="torch", choices=["torch", "onnx"], help="both passes, bare and pipeline")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    encoder = load_encoder(args.encoder)
+    encoder = load_encoder(args.encoder, precision=args.precision, runtime=args.runtime)
     photos = real_photos(args.images + args.batch_size)
     bare = bare_rate(encoder, photos[: args.images], args.batch_size)
     pipeline, stages = pipeline_rate(encoder, photos, args.batch_size, args.workers)
     print(json.dumps({
         "bench": "ingest",
         "encoder": encoder.spec,
+        "precision": encoder.precision,
+        "runtime": encoder.runtime,
         "images": args.images,
         "batch_size": args.batch_size,
         "threads": args.threads,
@@ -89,10 +91,7 @@ def main() -> None:
         "ratio": round(pipeline / bare, 3),
         "pipeline_stage_seconds": {k: round(v, 2) for k, v in stages.items()},
         "data": "flickr8k dev" if (SHARED / "flickr8k").is_dir() else "scikit-image samples",
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": sys.version.split()[0],
+        **machine(),
     }))
 
 

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -40,6 +38,7 @@ import time
 from pathlib import Path
 
 import vectors
+from machine import machine
 
 MB = 2**20
 
@@ -171,10 +170,7 @@ def main() -> None:
         "growth_ingest_anon": growth("ingest", "peak_anon_mb"),
         "growth_ingest_tree": growth("ingest", "peak_tree_mb"),
         "inputs": "symbolic links under distinct names to Flickr8k photos (photo i % 6,999)",
-        "loadavg_1m": round(os.getloadavg()[0], 2),
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "python": sys.version.split()[0],
+        **machine(),
     }))
 
 

@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import sys
 import tempfile
 import time
 import uuid
@@ -28,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import vectors
+from machine import machine
 from tqdm import tqdm
 
-import vectors
 from mmrag import Index, load_encoder
 from mmrag.store import EdgeStore, Point
 
@@ -107,11 +105,7 @@ def main() -> None:
         "embed": summary(embed),
         "store_search": summary(store_search),
         "threads": args.threads,
-        "loadavg_1m": round(os.getloadavg()[0], 2),
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": sys.version.split()[0],
+        **machine(),
     }))
 
 

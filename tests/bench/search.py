@@ -41,10 +41,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import platform
 import shutil
-import sys
 import tempfile
 import time
 import uuid
@@ -53,9 +50,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
+import vectors
+from machine import machine
 from tqdm import tqdm
 
-import vectors
 from mmrag.store import EdgeOptions, EdgeStore, IndexManifest, Point
 
 ENGINES = ("edge-plain", "edge-hnsw", "edge", "client", "langchain", "numpy")
@@ -309,10 +307,7 @@ def main() -> None:
                     "recall_at_10": round(float(recall.mean()), 4),
                     "recall_caption_queries": round(float(recall[text].mean()), 4),
                     "recall_photo_queries": round(float(recall[~text].mean()), 4),
-                    "loadavg_1m": round(os.getloadavg()[0], 2),
-                    "cpu": platform.processor() or platform.machine(),
-                    "cores": os.cpu_count(),
-                    "python": sys.version.split()[0],
+                    **machine(),
                     "qdrant_edge": _version("qdrant-edge-py"),
                 }), flush=True)
     finally:

@@ -43,9 +43,9 @@ TINY_CLIP_CFG = {
 def run_setup(name: str, images: int, epochs: int, precision: str, cache: Path) -> dict:
     """One setup, in this process: warm-up epoch, then timed epochs; returns the figures."""
     import torch
-
     from mmrag.encoders.towers import AlignTowers, OpenClipTowers
     from mmrag.encoders.trainer import TrainConfig, train_towers
+
     from mmrag.sources import captioned_pairs
 
     manifest = SHARED / "flickr8k" / "captions.jsonl"

@@ -64,6 +64,7 @@ def flickr8k_manifest() -> Path:
 def real_vectors(encoder=None, encoder_spec: str | None = None, batch_size: int = 64) -> RealVectors:
     """Every Flickr8k caption and photo embedded by the encoder, from the cache or computed now."""
     from mmrag.encoders import DEFAULT_SPEC
+
     from mmrag.sources import read_manifest
 
     spec = encoder.spec if encoder is not None else (encoder_spec or DEFAULT_SPEC)
@@ -100,6 +101,7 @@ def _embed_texts(encoder, texts: list[str], batch_size: int, what: str) -> np.nd
 
 def _embed_photos(encoder, paths: list[Path], batch_size: int, what: str) -> np.ndarray:
     from mmrag.encoders import prepare_pixels
+
     from mmrag.media import load_image
 
     parts = []
