@@ -5,15 +5,7 @@
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 venv=${MMRAG_VENV:-$repo/.venv}
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-pip_log=$(mktemp)
-if ! "$venv/bin/python" -m pip install -q -e "$repo" >"$pip_log" 2>&1; then
-    tail -n 40 "$pip_log" >&2
-    echo "pip could not install mmrag (its last lines above)" >&2
-    exit 1
-fi
-grep -v "is ignored: it is neither" "$pip_log" >&2 || true
-rm -f "$pip_log"
+bash "$repo/examples/install.sh" "$venv"
 export HF_HUB_OFFLINE=1
 index=${MMRAG_INDEX:-$repo/quickstart.mmrag}
 query=${2:-a cat}

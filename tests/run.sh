@@ -4,15 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${MMRAG_VENV:-.venv}
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-pip_log=$(mktemp)
-if ! "$venv/bin/python" -m pip install -q -e ".[dev]" >"$pip_log" 2>&1; then
-    tail -n 40 "$pip_log" >&2
-    echo "pip could not install mmrag[dev] (its last lines above)" >&2
-    exit 1
-fi
-grep -v "is ignored: it is neither" "$pip_log" >&2 || true
-rm -f "$pip_log"
+bash examples/install.sh "$venv" dev
 # The browser test (tests/test_serve.py) drives Debian's Chromium: install it where we may (CI runs as root).
 if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing Debian's chromium for the browser test" >&2
