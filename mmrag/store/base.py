@@ -131,6 +131,20 @@ class Store(ABC):
         here if the collection predates it.
         """
 
+    def checked_payload_updates(self, payloads: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+        """What `set_payload` checks before it writes: valid `{id: payload}`, every id stored.
+
+        Raises ValueError for a malformed mapping and KeyError naming ids the store lacks (a few,
+        then a count), so nothing is written when any update would fail.
+        """
+        updates = check_payloads(payloads)
+        missing = set(updates) - self.existing(list(updates))
+        if missing:
+            shown = sorted(missing)[:5]
+            more = f" and {len(missing) - len(shown)} more" if len(missing) > len(shown) else ""
+            raise KeyError(f"no stored point with id {', '.join(shown)}{more}; nothing was written")
+        return updates
+
     def flush(self) -> None:
         """Make writes durable (a no-op where the backend is already durable)."""
 
@@ -174,13 +188,6 @@ def check_manifest(manifest: IndexManifest) -> None:
         raise ValueError(f"only cosine distance is supported, got {manifest.distance!r}")
 
 
-def check_page_size(page_size: int) -> int:
-    """`page_size` as a positive int, or ValueError."""
-    if isinstance(page_size, bool) or not isinstance(page_size, (int, np.integer)) or page_size < 1:
-        raise ValueError(f"page_size must be a positive integer, got {page_size!r}")
-    return int(page_size)
-
-
 def check_payloads(payloads: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """`{id: payload}` with canonical ids and non-empty mappings of string keys, or ValueError."""
     if not isinstance(payloads, Mapping):
@@ -193,18 +200,11 @@ def check_payloads(payloads: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[
     return out
 
 
-def missing_ids_error(missing: set[str]) -> KeyError:
-    """The KeyError `set_payload` raises for ids the store lacks (a few named, then a count)."""
-    shown = sorted(missing)[:5]
-    more = f" and {len(missing) - len(shown)} more" if len(missing) > len(shown) else ""
-    return KeyError(f"no stored point with id {', '.join(shown)}{more}; nothing was written")
-
-
-def check_k(k: int) -> int:
-    """`k` as a positive int, or ValueError."""
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    return int(k)
+def check_positive_int(value: int, name: str) -> int:
+    """`value` (a `k`, a `page_size`) as a positive int, or ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def check_using(using: str) -> VectorName:
@@ -312,3 +312,13 @@ def filter_conditions(filter: PayloadFilter | None) -> list[tuple[str, FilterVal
 def record_vectors(vector: Any) -> dict[str, np.ndarray]:
     """A retrieved record's named vectors as float32 arrays (engines return lists or None)."""
     return {name: np.asarray(v, dtype=np.float32) for name, v in vector.items()} if isinstance(vector, dict) else {}
+
+
+def record_hit(record: Any) -> Hit:
+    """A retrieved or scrolled record (qdrant-client's or Qdrant Edge's) as a Hit of score 1.0."""
+    return Hit(str(record.id), 1.0, dict(record.payload or {}), record_vectors(record.vector))
+
+
+def keyword_fields_in(updates: Mapping[str, Mapping[str, Any]]) -> set[str]:
+    """The INDEXED_KEYWORD_FIELDS that payload updates write (they need a keyword index)."""
+    return {key for payload in updates.values() for key in payload} & set(INDEXED_KEYWORD_FIELDS)

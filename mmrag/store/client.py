@@ -33,17 +33,15 @@ from .base import (
     Store,
     VectorName,
     canonical_id,
-    record_vectors,
-    check_k,
+    check_positive_int,
     check_manifest,
-    check_page_size,
-    check_payloads,
     check_using,
     filter_conditions,
     fused_prefetch_limit,
-    missing_ids_error,
+    keyword_fields_in,
     point_vectors,
     query_list,
+    record_hit,
 )
 from .transport import RequestOptions, call_with_retries, size_batches
 
@@ -270,11 +268,8 @@ class ClientStore(Store):
     def set_payload(self, payloads: Mapping[str, Mapping[str, Any]]) -> None:
         """Merge keys into stored points' payloads, `batch_size` points a request; see `Store.set_payload`."""
         self._manifest()
-        updates = check_payloads(payloads)
-        missing = set(updates) - self.existing(list(updates))
-        if missing:
-            raise missing_ids_error(missing)
-        written = {key for payload in updates.values() for key in payload} & set(INDEXED_KEYWORD_FIELDS)
+        updates = self.checked_payload_updates(payloads)
+        written = keyword_fields_in(updates)
         if written:
             indexed = self._call("get_collection", self.client.get_collection, self.collection).payload_schema
             self._create_keyword_indexes(sorted(written - set(indexed or {})))
@@ -295,7 +290,7 @@ class ClientStore(Store):
     ) -> list[Hit]:
         manifest = self._manifest()
         using = check_using(using)
-        k = check_k(k)
+        k = check_positive_int(k, "k")
         response = self._call(
             "query_points", self.client.query_points,
             self.collection,
@@ -310,7 +305,7 @@ class ClientStore(Store):
 
     def search_fused(self, vector: np.ndarray, k: int, filter: PayloadFilter | None = None) -> list[Hit]:
         manifest = self._manifest()
-        k = check_k(k)
+        k = check_positive_int(k, "k")
         query = query_list(vector, manifest)
         flt = _to_filter(filter)
         depth = fused_prefetch_limit(k)
@@ -354,7 +349,7 @@ class ClientStore(Store):
                 self.collection, ids=unique[start : start + 1000], with_payload=True, with_vectors=with_vectors,
             )
             for r in records:
-                found[str(r.id)] = Hit(str(r.id), 1.0, dict(r.payload or {}), record_vectors(r.vector))
+                found[str(r.id)] = record_hit(r)
         return [replace(found[c], id=i) for i, c in wanted if c in found]
 
     def count(self) -> int:
@@ -363,7 +358,7 @@ class ClientStore(Store):
 
     def scroll(self, page_size: int = 256, with_vectors: bool = False) -> Iterator[list[Hit]]:
         self._manifest()
-        page_size = check_page_size(page_size)
+        page_size = check_positive_int(page_size, "page_size")
         offset = None
         while True:
             records, offset = self._call(
@@ -371,7 +366,7 @@ class ClientStore(Store):
                 limit=page_size, offset=offset, with_payload=True, with_vectors=with_vectors,
             )
             if records:
-                yield [Hit(str(r.id), 1.0, dict(r.payload or {}), record_vectors(r.vector)) for r in records]
+                yield [record_hit(r) for r in records]
             if offset is None:
                 return
 

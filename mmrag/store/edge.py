@@ -73,17 +73,15 @@ from .base import (
     Store,
     VectorName,
     canonical_id,
-    record_vectors,
-    check_k,
+    check_positive_int,
     check_manifest,
-    check_page_size,
-    check_payloads,
     check_using,
     filter_conditions,
     fused_prefetch_limit,
-    missing_ids_error,
+    keyword_fields_in,
     point_vectors,
     query_list,
+    record_hit,
 )
 
 try:  # POSIX advisory locks; elsewhere the engine's own WAL lock is the only guard
@@ -416,12 +414,9 @@ class EdgeStore(Store):
     def set_payload(self, payloads: Mapping[str, Mapping[str, Any]]) -> None:
         """Merge keys into stored points' payloads (one engine operation a point); see `Store.set_payload`."""
         shard = self._live()
-        updates = check_payloads(payloads)
-        missing = set(updates) - self.existing(list(updates))
-        if missing:
-            raise missing_ids_error(missing)
+        updates = self.checked_payload_updates(payloads)
         indexed = set(shard.info().payload_schema)
-        for name in sorted({key for payload in updates.values() for key in payload} & set(INDEXED_KEYWORD_FIELDS) - indexed):
+        for name in sorted(keyword_fields_in(updates) - indexed):
             shard.update(UpdateOperation.create_field_index(name, PayloadSchemaType.Keyword))
         for point_id, payload in updates.items():
             shard.update(UpdateOperation.set_payload([point_id], payload))
@@ -433,7 +428,7 @@ class EdgeStore(Store):
     ) -> list[Hit]:
         shard = self._live()
         using = check_using(using)
-        k = check_k(k)
+        k = check_positive_int(k, "k")
         query = query_list(vector, self.manifest)  # type: ignore[arg-type]
         request = QueryRequest(
             limit=k,
@@ -447,7 +442,7 @@ class EdgeStore(Store):
 
     def search_fused(self, vector: np.ndarray, k: int, filter: PayloadFilter | None = None) -> list[Hit]:
         shard = self._live()
-        k = check_k(k)
+        k = check_positive_int(k, "k")
         query = query_list(vector, self.manifest)  # type: ignore[arg-type]
         flt = _to_filter(filter)
         depth = fused_prefetch_limit(k)
@@ -485,20 +480,20 @@ class EdgeStore(Store):
         found: dict[str, Hit] = {}
         for start in range(0, len(unique), 1000):
             for r in shard.retrieve(unique[start : start + 1000], with_payload=True, with_vector=with_vectors):
-                found[str(r.id)] = Hit(str(r.id), 1.0, dict(r.payload or {}), record_vectors(r.vector))
+                found[str(r.id)] = record_hit(r)
         return [replace(found[c], id=i) for i, c in wanted if c in found]
 
     def count(self) -> int:
         return self._live().count(CountRequest(exact=True))
 
     def scroll(self, page_size: int = 256, with_vectors: bool = False) -> Iterator[list[Hit]]:
-        page_size = check_page_size(page_size)
+        page_size = check_positive_int(page_size, "page_size")
         offset = None
         while True:
             request = ScrollRequest(offset=offset, limit=page_size, with_payload=True, with_vector=with_vectors)
             records, offset = self._live().scroll(request)
             if records:
-                yield [Hit(str(r.id), 1.0, dict(r.payload or {}), record_vectors(r.vector)) for r in records]
+                yield [record_hit(r) for r in records]
             if offset is None:
                 return
 
