@@ -30,7 +30,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .encoders import Encoder, PreprocessConfig, prepare_pixels
-from .evaluate import embed_image_files
+from .evaluate import embed_image_files, in_split
 from .ingest import bounded_map, default_workers
 from .media import content_hash, load_image, read_bytes
 from .sources import ManifestEntry, read_manifest
@@ -88,7 +88,7 @@ def score_pairs(
     """
     entries = read_manifest(manifest, split=split)
     if not entries:
-        raise ValueError(f"{manifest} has no entries" + (f" in split {split!r}" if split else ""))
+        raise ValueError(f"{manifest} has no entries" + in_split(split))
     image_vectors = embed_image_files(encoder, [e.image for e in entries], batch_size, workers, progress)
     owners = [(i, j, c) for i, e in enumerate(entries) for j, c in enumerate(e.captions) if c.strip()]
     pairs = []
@@ -294,17 +294,9 @@ def shuffle_captions(entries: Sequence[ManifestEntry], fraction: float, seed: in
 
 
 def roc_auc(scores: Sequence[float], positive: Sequence[bool]) -> float:
-    """ROC AUC of `scores` for telling `positive` items from the rest: scikit-learn's when it is
-    installed, else `rank_auc` (the same value)."""
-    try:
-        from sklearn.metrics import roc_auc_score
-    except ImportError:
-        return rank_auc(scores, positive)
-    return float(roc_auc_score(np.asarray(positive, dtype=bool), np.asarray(scores, dtype=np.float64)))
-
-
-def rank_auc(scores: Sequence[float], positive: Sequence[bool]) -> float:
-    """ROC AUC by ranks (Mann-Whitney U): the chance a positive outscores a negative, ties half."""
+    """ROC AUC of `scores` for telling `positive` items from the rest, by ranks (Mann-Whitney U):
+    the chance a positive outscores a negative, ties half. Equals scikit-learn's `roc_auc_score`
+    (tested) without needing it."""
     scores = np.asarray(scores, dtype=np.float64)
     positive = np.asarray(positive, dtype=bool)
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())

@@ -101,9 +101,9 @@ def evaluate_manifest(
     labelled = [e for e in entries if has_categories(e)]
     zero_shot = bool(labelled) if zero_shot is None else zero_shot
     if zero_shot and not labelled:
-        raise ValueError(f"{manifest} has no entries with 'categories'" + _in_split(split) + ": zero-shot needs them")
+        raise ValueError(f"{manifest} has no entries with 'categories'" + in_split(split) + ": zero-shot needs them")
     if not captioned and not zero_shot:
-        raise ValueError(f"{manifest} has no captioned images" + _in_split(split))
+        raise ValueError(f"{manifest} has no captioned images" + in_split(split))
     templates = check_templates(templates) if zero_shot else None  # fail before the slow embedding
     used = list(dict.fromkeys(e.image for e in captioned + (labelled if zero_shot else [])))
     vectors = embed_image_files(encoder, used, batch_size, workers, progress)
@@ -129,7 +129,7 @@ def evaluate_retrieval(
     """Embed every image and caption of `manifest` (optionally one `split`) and score recall."""
     entries = [e for e in read_manifest(manifest, split=split) if e.captions]
     if not entries:
-        raise ValueError(f"{manifest} has no captioned images" + _in_split(split))
+        raise ValueError(f"{manifest} has no captioned images" + in_split(split))
     image_vectors = embed_image_files(encoder, [e.image for e in entries], batch_size, workers, progress)
     return retrieval_from_vectors(encoder, entries, image_vectors, str(manifest), split)
 
@@ -151,7 +151,7 @@ def evaluate_zero_shot(
     """
     entries = [e for e in read_manifest(manifest, split=split) if has_categories(e)]
     if not entries:
-        raise ValueError(f"{manifest} has no entries with 'categories'" + _in_split(split))
+        raise ValueError(f"{manifest} has no entries with 'categories'" + in_split(split))
     templates = check_templates(templates)
     image_vectors = embed_image_files(encoder, [e.image for e in entries], batch_size, workers, progress)
     return zero_shot_from_vectors(encoder, entries, image_vectors, str(manifest), split, templates, labels)
@@ -194,7 +194,8 @@ def zero_shot_from_vectors(
     )
 
 
-def _in_split(split: str | None) -> str:
+def in_split(split: str | None) -> str:
+    """The ` in split 'dev'` part of an error message; empty when no split was asked for."""
     return f" in split {split!r}" if split else ""
 
 

@@ -21,7 +21,6 @@ from mmrag.curation import (
     filtered_entries,
     near_duplicate_vectors,
     parse_keep_top,
-    rank_auc,
     roc_auc,
     score_pairs,
     select_pairs,
@@ -40,18 +39,17 @@ def pairs_with(scores: list[float]) -> list[PairScore]:
     return [PairScore(i // 2, f"/img{i // 2}.jpg", i % 2, f"caption {i}", s) for i, s in enumerate(scores)]
 
 
-def test_rank_auc_counts_ties_half_and_matches_scikit_learn():
-    assert rank_auc([0.9, 0.8, 0.3, 0.1], [True, True, False, False]) == 1.0
-    assert rank_auc([0.5, 0.5], [True, False]) == 0.5
+def test_roc_auc_counts_ties_half_and_matches_scikit_learn():
+    assert roc_auc([0.9, 0.8, 0.3, 0.1], [True, True, False, False]) == 1.0
+    assert roc_auc([0.5, 0.5], [True, False]) == 0.5
+    with pytest.raises(ValueError, match="both"):
+        roc_auc([0.1, 0.2], [True, True])
     rng = np.random.default_rng(0)
     scores, positive = rng.integers(0, 5, 300).astype(float), rng.random(300) < 0.3  # many ties
-    assert rank_auc(scores, positive) == pytest.approx(roc_auc(scores, positive))
     pytest.importorskip("sklearn")
     from sklearn.metrics import roc_auc_score
 
-    assert rank_auc(scores, positive) == pytest.approx(roc_auc_score(positive, scores))
-    with pytest.raises(ValueError, match="both"):
-        rank_auc([0.1, 0.2], [True, True])
+    assert roc_auc(scores, positive) == pytest.approx(roc_auc_score(positive, scores))
 
 
 def test_select_pairs_by_score_count_and_fraction():
