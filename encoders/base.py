@@ -31,16 +31,19 @@ Precision = Literal["fp32", "bf16"]
 Runtime = Literal["torch", "onnx"]
 
 
+def _one_of(choices: object, value: str, name: str) -> str:
+    """`value` if it is one of the Literal type `choices`, else ValueError listing them."""
+    if value not in get_args(choices):
+        raise ValueError(f"{name} must be one of {get_args(choices)}, got {value!r}")
+    return value
+
+
 def check_precision(precision: str) -> Precision:
-    if precision not in get_args(Precision):
-        raise ValueError(f"precision must be one of {get_args(Precision)}, got {precision!r}")
-    return precision  # type: ignore[return-value]
+    return _one_of(Precision, precision, "precision")  # type: ignore[return-value]
 
 
 def check_runtime(runtime: str) -> Runtime:
-    if runtime not in get_args(Runtime):
-        raise ValueError(f"runtime must be one of {get_args(Runtime)}, got {runtime!r}")
-    return runtime  # type: ignore[return-value]
+    return _one_of(Runtime, runtime, "runtime")  # type: ignore[return-value]
 
 
 class ModelNotFoundError(FileNotFoundError):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -33,19 +34,21 @@ RuntimeOption = typer.Option("torch", "--runtime", help="torch, or onnx: the ima
 def _precision(value: str) -> str:
     from .encoders.base import check_precision
 
-    try:
-        return check_precision(value)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--precision") from None
+    return _checked(check_precision, value, "--precision")
 
 
 def _runtime(value: str) -> str:
     from .encoders.base import check_runtime
 
+    return _checked(check_runtime, value, "--runtime")
+
+
+def _checked(check: Callable[[str], str], value: str, option: str) -> str:
+    """`check(value)`, its ValueError turned into a usage error on `option`."""
     try:
-        return check_runtime(value)
+        return check(value)
     except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--runtime") from None
+        raise typer.BadParameter(str(exc), param_hint=option) from None
 
 
 def _echo_json(data: object) -> None:
