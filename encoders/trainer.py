@@ -9,7 +9,7 @@ Pairs are `(image path or PIL image, [captions])`, as the manifests `mmrag index
 How a run goes:
 - Each tower is locked except its last `*_unlocked` blocks. The locked prefix of each side is
   computed once per input and cached under `cache_dir` (keyed by the tower, its lock point and
-  the exact inputs); with random-crop augmentation the image prefix is recomputed each step from
+  the inputs: per image, per caption list); with random-crop augmentation the image prefix is recomputed each step from
   cached pixels instead, since its input changes.
 - Each epoch pairs every training image with one caption drawn at random; batches are shuffled
   with a generator seeded by (seed, epoch), so a resumed run replays exactly what an
@@ -122,35 +122,49 @@ def _load_image(image: ImageInput) -> Image.Image:
         return im
 
 
+def _save_atomic(path: Path, values: np.ndarray) -> None:
+    """np.save through a temporary file, so an interrupted run never leaves a truncated entry."""
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, values)
+    tmp.replace(path)
+
+
 def _store_dtype(tensor: torch.Tensor) -> np.dtype:
     return np.dtype(np.float16) if tensor.is_floating_point() else np.dtype(np.int32)
 
 
 class FeatureCache:
-    """Prefix outputs on disk as .npy files, written batch by batch through a memmap."""
+    """Prefix outputs on disk as .npy files.
+
+    Image prefixes are stored one file per image (under a folder keyed by the tower's prefix and
+    the view), so a training set that grows, or train+dev after train, computes only the new
+    images. Caption prefixes are stored one file per caption list: they are quick to recompute.
+    """
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
 
     def images(self, towers: DualTowers, images: Sequence[ImageInput], view: str, batch_size: int) -> np.ndarray:
         """Image prefix outputs (n, ...) for one view ("orig", "flip", or "pixels": raw uint8)."""
-        key = _digest(towers.prefix_key("image") if view != "pixels" else asdict(towers.preprocess), view,
-                      [_identity(im) for im in images])
-        path = self.folder / f"image-{view}-{key}.npy"
-        if path.is_file():
-            return np.load(path, mmap_mode="r")
-
-        def batches() -> Iterable[np.ndarray]:
-            for start in range(0, len(images), batch_size):
-                pixels = np.stack([prepare_pixels(_load_image(im), towers.preprocess) for im in images[start : start + batch_size]])
-                if view == "flip":
-                    pixels = np.ascontiguousarray(pixels[:, :, ::-1])
-                if view == "pixels":
-                    yield pixels
-                else:
-                    yield towers.image_prefix(pixels_to_tensor(pixels, towers.preprocess)).numpy()
-
-        return self._write(path, batches(), len(images), f"image prefixes ({view})", batch_size)
+        side = _digest(towers.prefix_key("image") if view != "pixels" else asdict(towers.preprocess), view)
+        folder = self.folder / f"image-{view}-{side}"
+        paths = [folder / f"{_digest(_identity(im))}.npy" for im in images]
+        missing = [i for i, path in enumerate(paths) if not path.is_file()]
+        if missing:
+            folder.mkdir(parents=True, exist_ok=True)
+            with torch.inference_mode():
+                for start in tqdm(range(0, len(missing), batch_size), desc=f"image prefixes ({view})", unit="batch"):
+                    rows = missing[start : start + batch_size]
+                    pixels = np.stack([prepare_pixels(_load_image(images[i]), towers.preprocess) for i in rows])
+                    if view == "flip":
+                        pixels = np.ascontiguousarray(pixels[:, :, ::-1])
+                    if view != "pixels":
+                        pixels = towers.image_prefix(pixels_to_tensor(pixels, towers.preprocess)).numpy().astype(np.float16)
+                    for i, values in zip(rows, pixels):
+                        _save_atomic(paths[i], values)
+        if not paths:
+            raise ValueError("no images to featurise")
+        return np.stack([np.load(path) for path in tqdm(paths, desc=f"reading {view} cache", unit="image", leave=False)])
 
     def texts(self, towers: DualTowers, texts: Sequence[str], batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Text prefix outputs, shortest texts first so that batches pad little; with lengths if sequences."""
@@ -188,24 +202,6 @@ class FeatureCache:
         tmp.replace(path)
         return np.load(path, mmap_mode="r"), (all_lengths if width is not None else None)
 
-    def _write(self, path: Path, batches: Iterable[np.ndarray], n: int, desc: str, batch_size: int) -> np.ndarray:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
-        out, start = None, 0
-        with torch.inference_mode():
-            for batch in tqdm(batches, total=math.ceil(n / batch_size), desc=desc, unit="batch"):
-                if out is None:
-                    dtype = np.uint8 if batch.dtype == np.uint8 else np.float16
-                    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n, *batch.shape[1:]))
-                out[start : start + len(batch)] = batch
-                start += len(batch)
-        if out is None:
-            raise ValueError("no images to featurise")
-        out.flush()
-        del out
-        tmp.replace(path)
-        return np.load(path, mmap_mode="r")
-
 
 @dataclass
 class Features:
@@ -225,8 +221,8 @@ def featurise(towers: DualTowers, pairs: Sequence[Pair], cache: FeatureCache, vi
     texts = [caption for _, captions in pairs for caption in captions]
     owner = np.repeat(np.arange(len(pairs)), [len(captions) for _, captions in pairs])
     values, lengths = cache.texts(towers, texts, batch_size=128)
-    # copied into memory: random batch access to a memmap would re-read the disk every step
-    return Features([torch.from_numpy(np.array(a)) for a in arrays], torch.from_numpy(np.array(values)),
+    # captions copied into memory: random batch access to a memmap would re-read the disk every step
+    return Features([torch.from_numpy(a) for a in arrays], torch.from_numpy(np.array(values)),
                     None if lengths is None else torch.from_numpy(lengths), owner, pixels=views == ["pixels"])
 
 

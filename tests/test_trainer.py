@@ -16,7 +16,8 @@ from mmrag.encoders import load_encoder
 from mmrag.encoders.losses import AlignLoss, ClipLoss, SigLipLoss, make_loss
 from mmrag.encoders.metrics import retrieval_recall
 from mmrag.encoders.towers import AlignTowers, OpenClipTowers
-from mmrag.encoders.trainer import TrainConfig, train_towers
+from mmrag.encoders.preprocess import pixels_to_tensor, prepare_pixels
+from mmrag.encoders.trainer import FeatureCache, TrainConfig, train_towers
 
 #: hand-written captions for scikit-image's sample photos (mmrag.samples)
 CAPTIONS = {
@@ -132,6 +133,30 @@ def test_lock_freezes_all_but_the_last_blocks(align_towers: AlignTowers) -> None
     assert {name.split(".")[3] for name in trainable if name.startswith("text_net.encoder.layer.")} == {"4", "5"}
     assert any(name.startswith("image_head.") for name in trainable)
     align_towers.lock(0, 0)
+
+
+def test_feature_cache_computes_only_images_it_has_not_seen(align_towers: AlignTowers, sample_photos, tmp_path: Path) -> None:
+    """train+dev after train, or a grown folder, reuses every cached image; batching never matters."""
+    align_towers.lock(0, 0)
+    cache = FeatureCache(tmp_path / "cache")
+    first = cache.images(align_towers, sample_photos[:4], "flip", batch_size=3)
+    (folder,) = (tmp_path / "cache").glob("image-flip-*")
+    written = {path: path.stat().st_mtime_ns for path in folder.iterdir()}
+    assert len(written) == 4
+
+    grown = cache.images(align_towers, sample_photos[2:] + sample_photos[:2], "flip", batch_size=3)
+    assert {path: path.stat().st_mtime_ns for path in written} == written  # the four kept, untouched
+    assert len(list(folder.iterdir())) == len(sample_photos)
+    np.testing.assert_array_equal(grown[-2:], first[:2])
+    np.testing.assert_array_equal(grown[:2], first[2:4])
+
+    fresh = FeatureCache(tmp_path / "fresh").images(align_towers, sample_photos, "flip", batch_size=len(sample_photos))
+    order = [sample_photos.index(p) for p in sample_photos[2:] + sample_photos[:2]]
+    np.testing.assert_allclose(grown.astype(np.float32), fresh[order].astype(np.float32), atol=2e-3, rtol=2e-3)  # fp16 ulps
+    with Image.open(sample_photos[0]) as im:
+        mirrored = align_towers.image_prefix(pixels_to_tensor(
+            np.ascontiguousarray(prepare_pixels(im, align_towers.preprocess)[None, :, ::-1]), align_towers.preprocess))
+    np.testing.assert_allclose(first[0].astype(np.float32), mirrored[0].detach().numpy(), atol=2e-2, rtol=1e-2)
 
 
 # -- training runs ---------------------------------------------------------------------------------
