@@ -61,8 +61,10 @@ class TrainConfig:
     #: blocks to train at the end of each tower: 0 = locked, -1 = all
     image_unlocked: int = 0
     text_unlocked: int = 0
-    #: "none"; "flip": original or mirrored copy (both cached); "crop": random resized crop + flip
-    augment: Literal["none", "flip", "crop"] = "flip"
+    #: "none"; "flip": original or mirrored copy (both cached); "flip-gray": original, mirrored or
+    #: grey copy (all cached; grey photos are rare in caption sets, common in users' folders);
+    #: "crop": random resized crop + flip
+    augment: Literal["none", "flip", "flip-gray", "crop"] = "flip"
     crop_scale: tuple[float, float] = (0.5, 1.0)
     epochs: int = 20
     batch_size: int = 512
@@ -145,7 +147,7 @@ class FeatureCache:
         self.folder = Path(folder)
 
     def images(self, towers: DualTowers, images: Sequence[ImageInput], view: str, batch_size: int) -> np.ndarray:
-        """Image prefix outputs (n, ...) for one view ("orig", "flip", or "pixels": raw uint8)."""
+        """Image prefix outputs (n, ...) for one view (see `apply_view`), or "pixels": raw uint8."""
         side = _digest(towers.prefix_key("image") if view != "pixels" else asdict(towers.preprocess), view)
         folder = self.folder / f"image-{view}-{side}"
         paths = [folder / f"{_digest(_identity(im))}.npy" for im in images]
@@ -156,8 +158,7 @@ class FeatureCache:
                 for start in tqdm(range(0, len(missing), batch_size), desc=f"image prefixes ({view})", unit="batch"):
                     rows = missing[start : start + batch_size]
                     pixels = np.stack([prepare_pixels(_load_image(images[i]), towers.preprocess) for i in rows])
-                    if view == "flip":
-                        pixels = np.ascontiguousarray(pixels[:, :, ::-1])
+                    pixels = apply_view(pixels, view)
                     if view != "pixels":
                         pixels = towers.image_prefix(pixels_to_tensor(pixels, towers.preprocess)).numpy().astype(np.float16)
                     for i, values in zip(rows, pixels):
@@ -237,6 +238,25 @@ def text_batch(feats: Features, rows: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 # -- augmentation --------------------------------------------------------------------------------
+#: the cached image views of each augmentation (with cached prefixes, one is drawn per image per epoch)
+VIEWS = {"none": ["orig"], "flip": ["orig", "flip"], "flip-gray": ["orig", "flip", "gray"]}
+
+
+def grayscale(pixels: np.ndarray) -> np.ndarray:
+    """uint8 RGB (..., 3) -> the same shape in grey (ITU-R 601 luma, as PIL's convert("L"))."""
+    luma = pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return np.repeat(np.round(luma).astype(np.uint8)[..., None], 3, axis=-1)
+
+
+def apply_view(pixels: np.ndarray, view: str) -> np.ndarray:
+    """uint8 (n, s, s, 3) -> one cached view of them: "orig" (or "pixels"), "flip" or "gray"."""
+    if view == "flip":
+        return np.ascontiguousarray(pixels[:, :, ::-1])
+    if view == "gray":
+        return grayscale(pixels)
+    return pixels
+
+
 def crop_and_flip(pixels: torch.Tensor, scale: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
     """uint8 (n, s, s, 3) -> random resized crops (area fraction in `scale`), half mirrored."""
     from torchvision.transforms.v2 import functional as TF
@@ -364,7 +384,7 @@ def train_towers(
     # Pixels are cached instead of prefixes when the prefix is the identity (nothing locked at
     # the start of the image tower) or when random crops change its input every step.
     pixels_mode = config.augment == "crop" or not towers.has_image_prefix()
-    views = ["pixels"] if pixels_mode else {"none": ["orig"], "flip": ["orig", "flip"]}[config.augment]
+    views = ["pixels"] if pixels_mode else VIEWS[config.augment]
     train = featurise(towers, train_pairs, cache, views, config.extract_batch_size)
     dev = featurise(towers, dev_pairs, cache, ["pixels"] if pixels_mode else ["orig"], config.extract_batch_size)
     log.info("features ready in %.0fs: %d train images, %d captions", time.perf_counter() - started, len(train_pairs), len(train.texts))
@@ -479,6 +499,9 @@ def _image_batch(towers: DualTowers, feats: Features, idx: np.ndarray, view_of: 
     elif config.augment == "flip":
         flips = torch.rand(len(pixels), generator=generator) < 0.5
         pixels = torch.where(flips[:, None, None, None], pixels.flip(2), pixels)
+    elif config.augment == "flip-gray":
+        picks = torch.randint(len(VIEWS["flip-gray"]), (len(pixels),), generator=generator).tolist()
+        pixels = torch.from_numpy(np.stack([apply_view(p[None].numpy(), VIEWS["flip-gray"][v])[0] for p, v in zip(pixels, picks)]))
     if not towers.has_image_prefix():
         return pixels_to_tensor(pixels.numpy(), towers.preprocess)
     with torch.no_grad():

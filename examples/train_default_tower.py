@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--image-unlocked", type=int, default=0)
     parser.add_argument("--text-unlocked", type=int, default=0)
     parser.add_argument("--loss", default="clip", choices=["clip", "align", "siglip"])
-    parser.add_argument("--augment", default="flip", choices=["none", "flip", "crop"])
+    parser.add_argument("--augment", default="flip", choices=["none", "flip", "flip-gray", "crop"])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--backbone-lr", type=float, default=1e-4)

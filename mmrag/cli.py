@@ -213,7 +213,7 @@ def train(
     label_smoothing: float = typer.Option(0.1, help="For --loss align."),
     image_unlocked: int = typer.Option(0, help="Image tower blocks to train, from the end: 0 locked, -1 all."),
     text_unlocked: int = typer.Option(0, help="Text tower blocks to train, from the end: 0 locked, -1 all."),
-    augment: str = typer.Option("flip", help="none, flip (cached mirrored copies) or crop (random resized crops + flip)."),
+    augment: str = typer.Option("flip", help="none, flip (cached mirrored copies), flip-gray (mirrored and grey copies) or crop (random resized crops + flip)."),
     epochs: int = typer.Option(20, min=1),
     batch_size: int = typer.Option(512, min=2),
     lr: float = typer.Option(1e-3, help="Learning rate of heads (align) or of the whole model (openclip)."),
@@ -246,7 +246,7 @@ def train(
         return found
 
     for value, allowed, hint in ((style, ("align", "openclip"), "--style"), (loss, ("clip", "align", "siglip"), "--loss"),
-                                 (augment, ("none", "flip", "crop"), "--augment"), (precision, ("no", "bf16", "fp16"), "--precision"),
+                                 (augment, ("none", "flip", "flip-gray", "crop"), "--augment"), (precision, ("no", "bf16", "fp16"), "--precision"),
                                  (keep, ("best", "last"), "--keep")):
         if value not in allowed:
             raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=hint)

@@ -17,7 +17,7 @@ from mmrag.encoders.losses import AlignLoss, ClipLoss, SigLipLoss, make_loss
 from mmrag.encoders.metrics import retrieval_recall
 from mmrag.encoders.towers import AlignTowers, OpenClipTowers
 from mmrag.encoders.preprocess import pixels_to_tensor, prepare_pixels
-from mmrag.encoders.trainer import FeatureCache, TrainConfig, train_towers
+from mmrag.encoders.trainer import FeatureCache, TrainConfig, grayscale, train_towers
 
 #: hand-written captions for scikit-image's sample photos (mmrag.samples)
 CAPTIONS = {
@@ -174,6 +174,28 @@ def test_align_style_tower_trains_with_each_loss(pairs, cache, tmp_path: Path, l
     # the saved model, loaded through the registry, scores what the trainer measured
     recall = loaded_recall(result.spec, pairs)
     assert recall["t2i_r1"] == pytest.approx(result.dev_recall["t2i_r1"], abs=0.1)
+
+
+def test_grayscale_is_pils_luma_in_three_channels(sample_photos) -> None:
+    with Image.open(sample_photos[0]) as im:
+        rgb = np.asarray(im.convert("RGB"))
+        luma = np.asarray(im.convert("L")).astype(int)
+    grey = grayscale(rgb[None])[0]
+    assert grey.shape == rgb.shape and (grey == grey[..., :1]).all()
+    assert np.abs(grey[..., 0].astype(int) - luma).max() <= 1  # rounding differs by one at most
+
+
+def test_flip_gray_caches_a_grey_view_and_trains(pairs, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    result = train_towers(AlignTowers("lite0", "minilm"), pairs, pairs, tmp_path / "run", quick(augment="flip-gray"), cache)
+    assert sorted(p.name.split("-")[1] for p in cache.glob("image-*")) == ["flip", "gray", "orig"]
+    (gray,) = cache.glob("image-gray-*")
+    assert len(list(gray.iterdir())) == len(pairs)
+    assert result.dev_recall["t2i_r1"] >= 0.5 and result.dev_recall["i2t_r1"] >= 0.5
+    # with nothing locked the views are drawn from cached pixels each step instead
+    whole = train_towers(AlignTowers("lite0", "minilm"), pairs, pairs, tmp_path / "whole",
+                         quick(augment="flip-gray", epochs=1, image_unlocked=-1), cache)
+    assert math.isfinite(whole.history[0]["loss"]) and list(cache.glob("image-pixels-*"))
 
 
 def test_unlocked_blocks_are_saved_beside_the_heads(pairs, cache, tmp_path: Path) -> None:
