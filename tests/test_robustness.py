@@ -20,6 +20,7 @@ from PIL import Image
 from mmrag import Index, IndexMismatchError, ModelNotFoundError, load_encoder
 from mmrag.media import load_image
 from mmrag.sources import Item, read_manifest
+from mmrag.store import StoreLockedError
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -229,7 +230,18 @@ def test_14_kill_during_ingest_then_rerun_loses_and_duplicates_nothing(tmp_path,
         os.killpg(child.pid, signal.SIGKILL)
         child.wait()
 
-    with Index.open(location) as idx:  # opens cleanly after kill -9
+    # The decode workers (forked, so they share the lock) may outlive `wait()` by a few ms: the
+    # index must open as soon as the last of them is gone, without any cleanup.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            idx = Index.open(location)
+            break
+        except StoreLockedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    with idx:  # opens cleanly after kill -9
         partial = idx.count()
     assert 0 < partial < 500
     with Index.open(location) as idx:
