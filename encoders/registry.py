@@ -2,7 +2,8 @@
 
 A spec is `family:rest`, one string that names a model and its weights exactly, e.g.
 
-    mmrag:lite0-minilm@flickr8k-v1                 the default tower, shipped heads
+    mmrag:lite0-minilm@flickr8k-v1                 shipped heads on Lite0 + MiniLM (half the default)
+    ensemble:SPEC+SPEC                             several towers as one (the default is two)
     mmrag:lite0-minilm@/path/to/heads.safetensors  the same towers with heads you trained
     openclip:ViT-B-32@laion2b_s34b_b79k            an open_clip architecture and pretrained tag
     openclip:ViT-B-32@/path/to/checkpoint.pt       ... or a local checkpoint
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 
 from .base import Encoder, Precision, Runtime, check_precision, check_runtime
 
-DEFAULT_SPEC = "mmrag:lite0-minilm@flickr8k-v1"
+#: the default tower: v1 (Lite0) and a Lite2 tower, scored by the mean of their cosines (MODEL_CARD.md)
+DEFAULT_SPEC = "ensemble:mmrag:lite0-minilm@flickr8k-v1+mmrag:lite2-minilm@flickr8k-v2"
 
 Loader = Callable[[str], Encoder]
 _FAMILIES: dict[str, Loader] = {}
@@ -85,4 +87,4 @@ def load_encoder(
 
 def _import_builtin_families() -> None:
     """Import the built-in family modules, which register themselves; heavy imports stay lazy."""
-    from . import align, mmrag_tower, openclip  # noqa: F401
+    from . import align, ensemble, mmrag_tower, openclip  # noqa: F401

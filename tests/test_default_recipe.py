@@ -1,6 +1,6 @@
-"""Opt-in (`-m slow`, about 30 minutes on 2 cores): the default tower's recipe, rerun, gives its file.
+"""Opt-in (`-m slow`, about 30 minutes on 2 cores): each shipped tower's recipe, rerun, gives its file.
 
-The shipped weights file records the recipe that made it (backbones, locking, loss, augmentation,
+A shipped weights file records the recipe that made it (backbones, locking, loss, augmentation,
 schedule, seed, splits) and the dev figures it reached. This test reruns that recipe from scratch
 through examples/train_default_tower.py and checks that the new tower lands on the recorded
 figures: the shipped file is what its recipe makes, not a lucky run. (When the shipped weights
@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from mmrag.encoders.mmrag_tower import WEIGHTS_DIR, SHIPPED, DEFAULT_WEIGHTS
+from mmrag.encoders.mmrag_tower import SHIPPED, WEIGHTS_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def shipped_metadata() -> dict[str, str]:
-    with safe_open(str(WEIGHTS_DIR / SHIPPED[DEFAULT_WEIGHTS]), "pt") as f:
+def shipped_metadata(tag: str) -> dict[str, str]:
+    with safe_open(str(WEIGHTS_DIR / SHIPPED[tag]), "pt") as f:
         return f.metadata()
 
 
@@ -39,10 +39,11 @@ def recipe_arguments(meta: dict[str, str]) -> list[str]:
 
 
 @pytest.mark.slow
-def test_default_recipe_reproduces_its_dev_figures(flickr8k: Path, tmp_path: Path) -> None:
-    meta = shipped_metadata()
+@pytest.mark.parametrize("tag", sorted(SHIPPED))
+def test_shipped_recipe_reproduces_its_dev_figures(flickr8k: Path, tmp_path: Path, tag: str) -> None:
+    meta = shipped_metadata(tag)
     if "image_backbone_name" not in meta or "keep" not in json.loads(meta.get("train_config", "{}")):
-        pytest.skip(f"{SHIPPED[DEFAULT_WEIGHTS]} predates recorded recipes (no backbone names or `keep` in its metadata)")
+        pytest.skip(f"{SHIPPED[tag]} predates recorded recipes (no backbone names or `keep` in its metadata)")
     recorded = json.loads(meta["dev_recall"])
     cmd = [sys.executable, str(REPO / "examples" / "train_default_tower.py"), "--data", str(flickr8k),
            "--out", str(tmp_path / "run"), "--cache", str(REPO / ".cache" / "train-features"), *recipe_arguments(meta)]

@@ -198,8 +198,9 @@ def test_memory_efficient_attention_on_cpu_is_a_logged_no(pipe, caplog):
 
 def test_default_tower_pads_chunks_with_zeros_and_needs_an_adapter(encoder, pipe):
     """The default tower (MiniLM states, 384 wide, per-batch padding): zeroed pad states, its own
-    context (256) per chunk, last layer only, and a width adapter for a 32-wide UNet."""
-    if not encoder.spec.startswith("mmrag:"):
+    context (256) per chunk, last layer only, and a width adapter for a 32-wide UNet. (The default
+    ensemble's token states are its first member's.)"""
+    if not encoder.spec.startswith(("mmrag:", "ensemble:mmrag:")):
         pytest.skip(f"written for the default tower, not {encoder.spec}")
     context, width = encoder.context_length, 384
     long = " ".join(f"a red fox number {i} jumps over the lazy dog," for i in range(40))

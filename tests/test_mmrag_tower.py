@@ -1,4 +1,5 @@
-"""The default tower (mmrag:lite0-minilm) and the retrieval metric; training is in test_trainer.py."""
+"""The default tower (an ensemble of the shipped mmrag towers), the shipped files and the retrieval metric;
+training is in test_trainer.py, ensembles in test_ensemble.py."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mmrag.encoders import DEFAULT_SPEC, ModelNotFoundError, load_encoder, prepare_pixels
+from mmrag.encoders import DEFAULT_SPEC, Encoder, ModelNotFoundError, load_encoder, prepare_pixels
 from mmrag.encoders.heads import load_heads
 from mmrag.encoders.metrics import retrieval_recall
-from mmrag.encoders.mmrag_tower import WEIGHTS_DIR, MmragTower, load_mmrag
+from mmrag.encoders.mmrag_tower import SHIPPED, WEIGHTS_DIR, MmragTower, load_mmrag
 from mmrag.encoders.preprocess import pixels_to_tensor
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -25,8 +26,8 @@ needs_flickr = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def tower() -> MmragTower:
-    return load_mmrag(DEFAULT_SPEC)
+def tower() -> Encoder:
+    return load_encoder(DEFAULT_SPEC)
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +67,28 @@ def test_recall_rejects_bad_owner() -> None:
 
 
 # -- the tower ---------------------------------------------------------------------------------
-def test_shipped_heads_metadata_rebuilds_the_heads() -> None:
-    path = WEIGHTS_DIR / "lite0-minilm-flickr8k-v1.safetensors"
-    assert path.stat().st_size <= 10 * 2**20
+@pytest.mark.parametrize("tag", sorted(SHIPPED))
+def test_shipped_heads_metadata_rebuilds_the_heads(tag: str) -> None:
+    path = WEIGHTS_DIR / SHIPPED[tag]
     image_head, text_head, meta = load_heads(path)
     assert int(meta["dim"]) == image_head.config.out_dim == text_head.config.out_dim
     assert set(json.loads(meta["dev_recall"])) >= {"t2i_r1", "i2t_r10"}
+    assert path.name.startswith(meta.get("arch", "lite0-minilm") + "-")
 
 
-def test_embeddings_are_normalised_float32(tower: MmragTower, photos: dict[str, Image.Image]) -> None:
+def test_shipped_weights_fit_the_budget() -> None:
+    """Every shipped file stays in git history: 25 MB in all."""
+    assert sum((WEIGHTS_DIR / name).stat().st_size for name in SHIPPED.values()) <= 25 * 10**6
+
+
+def test_a_spec_without_weights_loads_its_architectures_shipped_tag() -> None:
+    assert load_mmrag("mmrag:lite0-minilm").spec == "mmrag:lite0-minilm@flickr8k-v1"
+    assert load_mmrag("mmrag:lite2-minilm").spec == "mmrag:lite2-minilm@flickr8k-v2"
+    with pytest.raises(ModelNotFoundError, match="none ship for 'lite1-minilm'"):
+        load_mmrag("mmrag:lite1-minilm")
+
+
+def test_embeddings_are_normalised_float32(tower: Encoder, photos: dict[str, Image.Image]) -> None:
     images = tower.embed_images(list(photos.values()))
     texts = tower.embed_texts(["a cat", "a rocket on a launch pad"])
     for emb, n in ((images, 3), (texts, 2)):
@@ -86,7 +100,7 @@ def test_embeddings_are_normalised_float32(tower: MmragTower, photos: dict[str, 
     assert tower.embed_texts("a cat").shape == (tower.dim,)
 
 
-def test_text_semantics(tower: MmragTower, photos: dict[str, Image.Image]) -> None:
+def test_text_semantics(tower: Encoder, photos: dict[str, Image.Image]) -> None:
     cat, rocket = tower.embed_images([photos["cat"], photos["rocket"]])
     cat_text, car_text = tower.embed_texts(["a cat lying down and looking at the camera", "a red car parked on a street"])
     assert cat @ cat_text > cat @ car_text
@@ -95,8 +109,10 @@ def test_text_semantics(tower: MmragTower, photos: dict[str, Image.Image]) -> No
     assert dog @ dog2 > dog @ money
 
 
-def test_channels_last_gives_the_contiguous_features(tower: MmragTower, photos: dict[str, Image.Image]) -> None:
+@pytest.mark.parametrize("tag", sorted(SHIPPED))
+def test_channels_last_gives_the_contiguous_features(tag: str, photos: dict[str, Image.Image]) -> None:
     """NHWC is a memory order only: the same features as the NCHW forward pass."""
+    tower = load_mmrag(f"mmrag:{load_heads(WEIGHTS_DIR / SHIPPED[tag])[2].get('arch', 'lite0-minilm')}@{tag}")
     pixels = np.stack([prepare_pixels(im, tower.preprocess) for im in photos.values()])
     x = pixels_to_tensor(pixels, tower.preprocess)
     nchw = copy.deepcopy(tower.image_net).to(memory_format=torch.contiguous_format)
@@ -106,7 +122,7 @@ def test_channels_last_gives_the_contiguous_features(tower: MmragTower, photos: 
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_bf16_precision_stays_close_to_fp32(tower: MmragTower, photos: dict[str, Image.Image]) -> None:
+def test_bf16_precision_stays_close_to_fp32(tower: Encoder, photos: dict[str, Image.Image]) -> None:
     fast = load_encoder(DEFAULT_SPEC, precision="bf16")
     assert fast.precision == "bf16" and fast.spec == tower.spec and tower.precision == "fp32"
     texts = ["a cat lying down and looking at the camera", "a rocket on a launch pad", "a woman in a space suit"]
@@ -124,7 +140,7 @@ def test_unknown_precision_is_refused() -> None:
         load_encoder(DEFAULT_SPEC, precision="fp16")  # type: ignore[arg-type]
 
 
-def test_spec_round_trip(tower: MmragTower) -> None:
+def test_spec_round_trip(tower: Encoder) -> None:
     assert tower.spec == DEFAULT_SPEC
     assert load_encoder(tower.spec).spec == tower.spec
 
@@ -144,7 +160,7 @@ def test_missing_heads_path_names_it(tmp_path: Path) -> None:
         load_mmrag(f"mmrag:lite0-minilm@{missing}")
 
 
-def test_encode_text_tokens(tower: MmragTower) -> None:
+def test_encode_text_tokens(tower: Encoder) -> None:
     states, mask = tower.encode_text_tokens(["a dog", "two dogs play together in the snow"])
     assert states.shape[0] == 2 and states.shape[2] == 384 and mask.shape == states.shape[:2]
     assert mask[0].sum() < mask[1].sum() == mask.shape[1]
@@ -154,6 +170,6 @@ def test_encode_text_tokens(tower: MmragTower) -> None:
     assert ids[-1] == tower.tokenizer.sep_token_id
 
 
-def test_empty_text_rejected(tower: MmragTower) -> None:
+def test_empty_text_rejected(tower: Encoder) -> None:
     with pytest.raises(ValueError):
         tower.embed_texts(["a dog", "  "])

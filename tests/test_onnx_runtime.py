@@ -31,7 +31,7 @@ def test_onnx_image_side_matches_torch_and_is_cached(photos, onnx_cache: Path) -
     torch_tower = load_encoder(DEFAULT_SPEC)
     onnx_tower = load_encoder(DEFAULT_SPEC).with_runtime("onnx", cache_dir=onnx_cache)
     assert onnx_tower.runtime == "onnx" and onnx_tower.spec == torch_tower.spec
-    exported = list(onnx_cache.glob("mmrag-*.onnx"))
+    exported = list(onnx_cache.glob(f"{DEFAULT_SPEC.split(':')[0]}-*.onnx"))
     assert len(exported) == 1
     expected = torch_tower.embed_images(photos)
     for batch in (photos, photos[:1]):  # the batch axis is dynamic: 3 and 1

@@ -28,7 +28,7 @@ import httpx  # noqa: E402
 import uvicorn  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from mmrag import Index  # noqa: E402
+from mmrag import DEFAULT_SPEC, Index  # noqa: E402
 from mmrag.serve import ServeConfig, create_app  # noqa: E402
 
 KEY = "test-key-0c5e"
@@ -120,7 +120,7 @@ def raw_request(served: Served, head: str, body: bytes = b"") -> tuple[int, byte
 
 def test_info_and_openapi_schema(samples):
     info = ok(samples.client.get("/api/info"))
-    assert info["count"] == 10 and info["encoder_spec"].startswith("mmrag:")
+    assert info["count"] == 10 and info["encoder_spec"] == DEFAULT_SPEC
     assert (info["max_k"], info["max_upload_bytes"], info["writes_need_key"]) == (100, LIMIT, True)
     schema = ok(samples.client.get("/openapi.json"))
     assert {"/api/search/text", "/api/search/image", "/api/search/similar", "/api/items", "/api/items/{item_id}",
