@@ -62,10 +62,20 @@ def text_tokens(
 
 
 @lru_cache(maxsize=4)
+def _shared_text_backbone(name: str) -> tuple[object, nn.Module]:
+    return load_text_backbone(name)
+
+
+@lru_cache(maxsize=4)
+def _shared_image_backbone(name: str) -> nn.Module:
+    return load_image_backbone(name)
+
+
 def _shared_backbones(image: str, text: str) -> tuple[object, nn.Module, nn.Module]:
-    """Backbones load once per process; towers never change them in place, so they can share."""
-    tokenizer, text_net = load_text_backbone(text)
-    return tokenizer, text_net, load_image_backbone(image)
+    """Each backbone loads once per process, whichever towers use it (the default ensemble's two
+    share MiniLM); towers never change them in place, so they can share."""
+    tokenizer, text_net = _shared_text_backbone(text)
+    return tokenizer, text_net, _shared_image_backbone(image)
 
 
 def _with_trained(net: nn.Module, tensors: dict[str, torch.Tensor], origin: str) -> nn.Module:

@@ -10,7 +10,9 @@ Accepted sources:
 
 How a string in a list is read: a string ending in an image suffix (`.jpg`, `.png`, ...) is a
 path to an image (reported as "file not found" if missing); any other string is a text item.
-A `pathlib.Path` is always a path.
+A `pathlib.Path` is always a path. Paths may start with `~`. A lone string that starts like a
+path (`/`, `~`, `./`, `../`) but names nothing raises FileNotFoundError instead of becoming a
+text item; pass `[text]` to index such a string as text.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from .media import IMAGE_SUFFIXES
 #: Payload keys written after ingest, by `mmrag.tagging`; ingest's change detection ignores them.
 DERIVED_KEYS = frozenset({"tags", "tag_scores"})
 #: Payload keys mmrag writes itself; user metadata may not use them.
+#: A lone string starting like this is meant as a path: if nothing is there, `Index.add` raises
+#: instead of storing the path as a text item.
+PATH_PREFIXES = ("/", "~", "./", "../")
 RESERVED_KEYS = frozenset({"uri", "captions", "content_hash", "modality", "text"}) | DERIVED_KEYS
 
 Source = Union[str, Path, Image.Image, np.ndarray, bytes, Sequence[Any]]
@@ -72,7 +77,7 @@ class ManifestEntry:
 
 def read_manifest(path: str | Path, split: str | None = None) -> list[ManifestEntry]:
     """Read a captions.jsonl manifest; image paths are relative to the manifest's folder."""
-    path = Path(path)
+    path = Path(path).expanduser()
     root = path.parent
     entries = []
     with path.open(encoding="utf-8") as lines:
@@ -95,8 +100,11 @@ def read_manifest(path: str | Path, split: str | None = None) -> list[ManifestEn
 
 def iter_items(source: Source) -> Iterator[Item]:
     """Yield the items of any accepted source, lazily where the source allows."""
+    if isinstance(source, str) and _is_text(source) and source.startswith(PATH_PREFIXES):
+        raise FileNotFoundError(f"no such folder, image or manifest: {source!r}. To index this string as a text item, "
+                                f"pass it in a list: add([{source!r}])")
     if isinstance(source, (str, Path)) and not _is_text(source):
-        path = Path(source)
+        path = Path(source).expanduser()
         if path.is_dir():
             yield from _folder_items(path)
         elif path.suffix == ".jsonl":
@@ -132,8 +140,8 @@ def count_items(source: Source) -> int | None:
     """How many items a source holds, when that is cheap to know (for the progress bar)."""
     if isinstance(source, (list, tuple)):
         return len(source)
-    if isinstance(source, (str, Path)) and not _is_text(source) and Path(source).is_dir():
-        return len(list_images(Path(source)))
+    if isinstance(source, (str, Path)) and not _is_text(source) and Path(source).expanduser().is_dir():
+        return len(list_images(Path(source).expanduser()))
     return None
 
 
@@ -170,7 +178,7 @@ def _element_item(element: Any) -> Item:
     if isinstance(element, Item):
         return element
     if isinstance(element, Path) or (isinstance(element, str) and not _is_text(element)):
-        return file_item(Path(element))
+        return file_item(Path(element).expanduser())
     if isinstance(element, str):
         return Item(text=element)
     if isinstance(element, (Image.Image, np.ndarray, bytes, bytearray)):
@@ -179,13 +187,13 @@ def _element_item(element: Any) -> Item:
 
 
 def _is_text(value: str | Path) -> bool:
-    """A str is a path when it names an image file, an existing folder or a .jsonl manifest."""
+    """A str is a path when it names an image file, an existing folder or a .jsonl manifest (`~` expanded)."""
     if isinstance(value, Path):
         return False
     suffix = Path(value).suffix.lower() if len(value) < 4096 and "\n" not in value else ""
     if suffix in IMAGE_SUFFIXES or suffix == ".jsonl":
         return False
-    return not (len(value) < 4096 and os.path.isdir(value))
+    return not (len(value) < 4096 and os.path.isdir(os.path.expanduser(value)))
 
 
 def _check_metadata(metadata: dict[str, Any], where: str) -> dict[str, Any]:

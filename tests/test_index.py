@@ -29,6 +29,22 @@ def test_folder_is_indexed_once_and_searchable(index, photo_folder):
     assert index.count() == 6
 
 
+def test_home_relative_paths_are_expanded(index, photo_folder, monkeypatch):
+    monkeypatch.setenv("HOME", str(photo_folder.parent))
+    report = index.add("~/photos", progress=False)
+    assert (report.added, report.skipped) == (6, [])
+    assert all(not hit.uri.startswith("~") for hit in index.search("a cat", k=6))
+
+
+def test_a_lone_path_that_names_nothing_is_an_error_not_a_text(index):
+    """A mistyped folder must not be stored as a text item that later matches text queries."""
+    for missing in ("/nonexistent/folder", "~/no such folder here", "./nope"):
+        with pytest.raises(FileNotFoundError, match="pass it in a list"):
+            index.add(missing, progress=False)
+    assert index.count() == 0
+    assert index.add(["~/no such folder here"], progress=False).added == 1  # asked for as a text: a text
+
+
 def test_image_query_finds_itself_first(index, photo_folder):
     index.add(photo_folder, progress=False)
     for photo in sorted(photo_folder.rglob("*.jpg"))[:3]:
