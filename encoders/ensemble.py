@@ -59,7 +59,18 @@ class EnsembleEncoder(Encoder):
         return self._joined(features)
 
     def _text_features(self, texts: list[str]) -> torch.Tensor:
-        return self._joined([member._text_features(texts) for member in self.members])
+        """Members that share a text backbone (same `text_states_key`) run it once."""
+        states: dict[object, tuple[torch.Tensor, torch.Tensor]] = {}
+        features = []
+        for member in self.members:
+            key = getattr(member, "text_states_key", None)
+            if key is None:
+                features.append(member._text_features(texts))
+                continue
+            if key not in states:
+                states[key] = member.text_states(texts)
+            features.append(member.text_from_states(*states[key]))
+        return self._joined(features)
 
     def encode_text_tokens(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The first member's token states: a diffusion pipeline conditions on one text tower."""

@@ -140,7 +140,18 @@ class MmragTower(Encoder):
         return self.image_head(self.image_tokens(pixels))
 
     def _text_features(self, texts: list[str]) -> torch.Tensor:
-        states, mask = text_tokens(self.tokenizer, self.text_net, texts, self.context_length)
+        return self.text_from_states(*self.text_states(texts))
+
+    # The text side in two steps, so towers that share a text backbone (the default ensemble's
+    # two) can run it once: same `text_states_key`, same states.
+    @property
+    def text_states_key(self) -> tuple[int, int, int]:
+        return id(self.tokenizer), id(self.text_net), self.context_length
+
+    def text_states(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return text_tokens(self.tokenizer, self.text_net, texts, self.context_length)
+
+    def text_from_states(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.text_head(states, mask.bool())
 
     def encode_text_tokens(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

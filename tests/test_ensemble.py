@@ -33,6 +33,9 @@ def test_the_default_tower_is_the_two_shipped_towers(ensemble: EnsembleEncoder) 
     assert ensemble.spec == DEFAULT_SPEC
     assert ensemble.dim == 1024 and ensemble.preprocess.size == 260  # Lite2's input; Lite0 gets a resize
     assert load_encoder(ensemble.spec).spec == ensemble.spec
+    # both members read one MiniLM, loaded once, and a text runs through it once
+    assert ensemble.members[0].text_net is ensemble.members[1].text_net
+    assert ensemble.members[0].text_states_key == ensemble.members[1].text_states_key
 
 
 def test_text_scores_are_the_mean_of_the_members(ensemble: EnsembleEncoder, members) -> None:
