@@ -1,7 +1,7 @@
 """Several towers as one: `ensemble:SPEC+SPEC`, scored by the mean of the members' cosines.
 
 Two towers trained on the same pairs but on different image backbones make different mistakes;
-on Flickr8k dev the mean of v1's (Lite0) and a Lite2 tower's cosines lifts recall@1 by 4-8 points
+on Flickr8k dev the mean of v1's (Lite0) and a Lite2 tower's cosines lifts recall@1 by 3-7 points
 over either alone (encoders/weights/MODEL_CARD.md). Concatenating the members' unit embeddings,
 each scaled by 1/sqrt(n), gives exactly that score as one dot product, so the store, filters and
 every search path treat an ensemble like any other tower of width sum(dims).

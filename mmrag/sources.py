@@ -32,10 +32,11 @@ from .media import IMAGE_SUFFIXES
 #: Payload keys written after ingest, by `mmrag.tagging`; ingest's change detection ignores them.
 DERIVED_KEYS = frozenset({"tags", "tag_scores"})
 #: Payload keys mmrag writes itself; user metadata may not use them.
+RESERVED_KEYS = frozenset({"uri", "captions", "content_hash", "modality", "text"}) | DERIVED_KEYS
+
 #: A lone string starting like this is meant as a path: if nothing is there, `Index.add` raises
 #: instead of storing the path as a text item.
 PATH_PREFIXES = ("/", "~", "./", "../")
-RESERVED_KEYS = frozenset({"uri", "captions", "content_hash", "modality", "text"}) | DERIVED_KEYS
 
 Source = Union[str, Path, Image.Image, np.ndarray, bytes, Sequence[Any]]
 
@@ -100,9 +101,6 @@ def read_manifest(path: str | Path, split: str | None = None) -> list[ManifestEn
 
 def iter_items(source: Source) -> Iterator[Item]:
     """Yield the items of any accepted source, lazily where the source allows."""
-    if isinstance(source, str) and _is_text(source) and source.startswith(PATH_PREFIXES):
-        raise FileNotFoundError(f"no such folder, image or manifest: {source!r}. To index this string as a text item, "
-                                f"pass it in a list: add([{source!r}])")
     if isinstance(source, (str, Path)) and not _is_text(source):
         path = Path(source).expanduser()
         if path.is_dir():
@@ -112,6 +110,9 @@ def iter_items(source: Source) -> Iterator[Item]:
         else:
             yield file_item(path)
         return
+    if isinstance(source, str) and source.startswith(PATH_PREFIXES):
+        raise FileNotFoundError(f"no such folder, image or manifest: {source!r}. To index this string as a text item, "
+                                f"pass it in a list: add([{source!r}])")
     if isinstance(source, (str, Image.Image, np.ndarray, bytes)):
         source = [source]
     if not isinstance(source, Iterable):
@@ -140,8 +141,9 @@ def count_items(source: Source) -> int | None:
     """How many items a source holds, when that is cheap to know (for the progress bar)."""
     if isinstance(source, (list, tuple)):
         return len(source)
-    if isinstance(source, (str, Path)) and not _is_text(source) and Path(source).expanduser().is_dir():
-        return len(list_images(Path(source).expanduser()))
+    if isinstance(source, (str, Path)) and not _is_text(source):
+        folder = Path(source).expanduser()
+        return len(list_images(folder)) if folder.is_dir() else None
     return None
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 from mmrag.encoders import DEFAULT_SPEC, Encoder, ModelNotFoundError, load_encoder, prepare_pixels
 from mmrag.encoders.heads import load_heads
 from mmrag.encoders.metrics import retrieval_recall
-from mmrag.encoders.mmrag_tower import SHIPPED, WEIGHTS_DIR, MmragTower, load_mmrag
+from mmrag.encoders.mmrag_tower import DEFAULT_WEIGHTS, SHIPPED, WEIGHTS_DIR, load_mmrag
 from mmrag.encoders.preprocess import pixels_to_tensor
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -109,10 +109,10 @@ def test_text_semantics(tower: Encoder, photos: dict[str, Image.Image]) -> None:
     assert dog @ dog2 > dog @ money
 
 
-@pytest.mark.parametrize("tag", sorted(SHIPPED))
-def test_channels_last_gives_the_contiguous_features(tag: str, photos: dict[str, Image.Image]) -> None:
+@pytest.mark.parametrize("arch", sorted(DEFAULT_WEIGHTS))
+def test_channels_last_gives_the_contiguous_features(arch: str, photos: dict[str, Image.Image]) -> None:
     """NHWC is a memory order only: the same features as the NCHW forward pass."""
-    tower = load_mmrag(f"mmrag:{load_heads(WEIGHTS_DIR / SHIPPED[tag])[2].get('arch', 'lite0-minilm')}@{tag}")
+    tower = load_mmrag(f"mmrag:{arch}")
     pixels = np.stack([prepare_pixels(im, tower.preprocess) for im in photos.values()])
     x = pixels_to_tensor(pixels, tower.preprocess)
     nchw = copy.deepcopy(tower.image_net).to(memory_format=torch.contiguous_format)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from mmrag import Index
-from mmrag.encoders import DEFAULT_SPEC, load_encoder
+from mmrag.encoders import DEFAULT_SPEC, load_encoder, parse_spec
 
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install 'mmrag[onnx]'")
 
@@ -31,7 +31,7 @@ def test_onnx_image_side_matches_torch_and_is_cached(photos, onnx_cache: Path) -
     torch_tower = load_encoder(DEFAULT_SPEC)
     onnx_tower = load_encoder(DEFAULT_SPEC).with_runtime("onnx", cache_dir=onnx_cache)
     assert onnx_tower.runtime == "onnx" and onnx_tower.spec == torch_tower.spec
-    exported = list(onnx_cache.glob(f"{DEFAULT_SPEC.split(':')[0]}-*.onnx"))
+    exported = list(onnx_cache.glob(f"{parse_spec(DEFAULT_SPEC).family}-*.onnx"))  # named after the family
     assert len(exported) == 1
     expected = torch_tower.embed_images(photos)
     for batch in (photos, photos[:1]):  # the batch axis is dynamic: 3 and 1
